@@ -1,0 +1,205 @@
+//! Launch of `paged_attention_*` (and its split combine) over a batch already on the device.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{to_i32, CudaElement, CudaKernels, ATTENTION_HEAD_DIMS};
+use crate::error::check_len;
+use crate::{AttentionShape, BatchStats, KernelError, RaggedBatch};
+
+/// Must match THREADS and DIMS_PER_LANE in attention.cu.
+const THREADS: usize = 256;
+const DIMS_PER_LANE: usize = 32;
+/// CTAs of the attention kernel that fit on one SM (`__launch_bounds__(THREADS, 2)`).
+const CTAS_PER_SM: usize = 2;
+
+/// The index arrays of a [`RaggedBatch`], validated on the host and copied to the device.
+pub struct DeviceRaggedBatch {
+    query_starts: CudaSlice<i32>,
+    context_lens: CudaSlice<i32>,
+    query_blocks: CudaSlice<i32>,
+    block_tables: CudaSlice<i32>,
+    max_pages_per_seq: usize,
+    shape: AttentionShape,
+    stats: BatchStats,
+}
+
+impl DeviceRaggedBatch {
+    pub fn upload(
+        kernels: &CudaKernels,
+        shape: &AttentionShape,
+        batch: &RaggedBatch,
+        num_pages: usize,
+    ) -> Result<Self, KernelError> {
+        let stats = batch.validate(shape, num_pages)?;
+        let s = &kernels.stream;
+        // An empty block table still needs a valid device pointer.
+        let tables: &[i32] = if batch.block_tables.is_empty() { &[0] } else { batch.block_tables };
+        Ok(Self {
+            query_starts: s.clone_htod(batch.query_starts)?,
+            context_lens: s.clone_htod(batch.context_lens)?,
+            query_blocks: s.clone_htod(batch.query_blocks)?,
+            block_tables: s.clone_htod(tables)?,
+            max_pages_per_seq: batch.max_pages_per_seq,
+            shape: *shape,
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> BatchStats {
+        self.stats
+    }
+}
+
+/// How the keys of one sequence are divided among CTAs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitPolicy {
+    /// Enough splits to give every SM work (flash-decoding).
+    Auto,
+    /// Exactly this many (clamped to the number of key tiles); 1 writes the output directly.
+    Fixed(usize),
+}
+
+/// Scratch for split partial results; grows on demand and is reused across calls.
+#[derive(Default)]
+pub struct AttentionWorkspace {
+    acc: Option<CudaSlice<f32>>,
+    ml: Option<CudaSlice<f32>>,
+}
+
+impl AttentionWorkspace {
+    fn ensure(&mut self, kernels: &CudaKernels, rows: usize, head_dim: usize, splits: usize) -> Result<(), KernelError> {
+        let acc_len = (rows * head_dim * splits).max(1);
+        let ml_len = (rows * 2 * splits).max(1);
+        if self.acc.as_ref().is_none_or(|a| a.len() < acc_len) {
+            self.acc = Some(kernels.stream.alloc_zeros(acc_len)?);
+        }
+        if self.ml.as_ref().is_none_or(|a| a.len() < ml_len) {
+            self.ml = Some(kernels.stream.alloc_zeros(ml_len)?);
+        }
+        Ok(())
+    }
+}
+
+/// Keys per shared-memory tile for a head dim (KEYS in attention.cu).
+fn keys_per_tile(head_dim: usize) -> usize {
+    4096 / head_dim
+}
+
+/// Query rows one CTA holds (ROWS in attention.cu).
+fn rows_per_cta(head_dim: usize) -> usize {
+    THREADS / (head_dim / DIMS_PER_LANE)
+}
+
+impl CudaKernels {
+    /// See [`crate::reference::paged_attention`]; `out` is `[tokens, num_heads, head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention<T: CudaElement>(
+        &self,
+        batch: &DeviceRaggedBatch,
+        q: &CudaSlice<T>,
+        k_new: &CudaSlice<T>,
+        v_new: &CudaSlice<T>,
+        k_pages: &CudaSlice<T>,
+        v_pages: &CudaSlice<T>,
+        scale: f32,
+        out: &mut CudaSlice<T>,
+        workspace: &mut AttentionWorkspace,
+        splits: SplitPolicy,
+    ) -> Result<(), KernelError> {
+        let shape = batch.shape;
+        let stats = batch.stats;
+        let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        if !ATTENTION_HEAD_DIMS.contains(&d) {
+            return Err(KernelError::Unsupported {
+                what: "head_dim",
+                detail: format!("{d}; the CUDA attention kernel is built for {ATTENTION_HEAD_DIMS:?}"),
+            });
+        }
+        check_len("q", q.len(), stats.num_tokens * h * d)?;
+        check_len("out", out.len(), stats.num_tokens * h * d)?;
+        check_len("k_new", k_new.len(), stats.num_tokens * kvh * d)?;
+        check_len("v_new", v_new.len(), stats.num_tokens * kvh * d)?;
+        check_len("v_pages", v_pages.len(), k_pages.len())?;
+        if k_pages.len() % shape.page_elems() != 0 {
+            return Err(KernelError::Length {
+                field: "k_pages",
+                actual: k_pages.len(),
+                expected: k_pages.len() / shape.page_elems() * shape.page_elems(),
+            });
+        }
+
+        let tile = keys_per_tile(d);
+        let key_tiles = stats.max_keys.div_ceil(tile);
+        let q_tiles = (stats.max_query_len * shape.group()).div_ceil(rows_per_cta(d));
+        let base_ctas = stats.num_seqs * kvh * q_tiles;
+        let wanted = match splits {
+            SplitPolicy::Fixed(n) => n.max(1),
+            SplitPolicy::Auto => (CTAS_PER_SM * self.num_sms).div_ceil(base_ctas.max(1)),
+        };
+        let tiles_per_split = key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)));
+        let keys_per_split = tiles_per_split * tile;
+        let num_splits = stats.max_keys.div_ceil(keys_per_split).max(1);
+
+        let rows = stats.num_tokens * h;
+        workspace.ensure(self, rows, d, num_splits)?;
+        let (acc, ml) = match (workspace.acc.as_mut(), workspace.ml.as_mut()) {
+            (Some(a), Some(m)) => (a, m),
+            _ => unreachable!("ensure allocates both"),
+        };
+
+        let name = format!("paged_attention_{}_d{d}", T::NAME);
+        let f = self.function(&name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (q_tiles as u32, num_splits as u32, (stats.num_seqs * kvh) as u32),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ints = [
+            to_i32("tokens", stats.num_tokens)?,
+            to_i32("num_heads", h)?,
+            to_i32("num_kv_heads", kvh)?,
+            to_i32("page_size", shape.page_size)?,
+            to_i32("max_pages_per_seq", batch.max_pages_per_seq)?,
+            to_i32("keys_per_split", keys_per_split)?,
+            to_i32("num_splits", num_splits)?,
+        ];
+        let mut launch = self.stream.launch_builder(f);
+        launch
+            .arg(q)
+            .arg(k_new)
+            .arg(v_new)
+            .arg(k_pages)
+            .arg(v_pages)
+            .arg(&batch.block_tables)
+            .arg(&batch.context_lens)
+            .arg(&batch.query_starts)
+            .arg(&batch.query_blocks)
+            .arg(&mut *out)
+            .arg(&mut *acc)
+            .arg(&mut *ml);
+        for v in &ints {
+            launch.arg(v);
+        }
+        launch.arg(&scale);
+        // SAFETY: argument order and types match paged_attention_* in attention.cu; lengths and
+        // every index the kernel follows were checked above and in DeviceRaggedBatch::upload.
+        unsafe { launch.launch(cfg) }?;
+
+        if num_splits > 1 {
+            let name = format!("paged_attention_combine_{}_d{d}", T::NAME);
+            let f = self.function(&name)?;
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (d as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (rows_i, splits_i) = (to_i32("rows", rows)?, ints[6]);
+            let mut launch = self.stream.launch_builder(f);
+            launch.arg(&*acc).arg(&*ml).arg(out).arg(&rows_i).arg(&splits_i);
+            // SAFETY: matches paged_attention_combine_* in attention.cu; the workspace holds
+            // num_splits × rows partial rows, written by the launch above.
+            unsafe { launch.launch(cfg) }?;
+        }
+        Ok(())
+    }
+}

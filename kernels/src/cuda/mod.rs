@@ -1,0 +1,111 @@
+//! The CUDA kernels of `cuda/*.cu`, loaded from the fat binaries that build.rs embeds, and their
+//! launches. Every launch checks its arguments on the host first (the same checks as the
+//! reference), so a kernel never follows an index that points outside its buffers.
+
+mod attention;
+mod elementwise;
+mod selection;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::nvrtc::Ptx;
+
+use crate::{Element, KernelError};
+
+pub use attention::{AttentionWorkspace, DeviceRaggedBatch, SplitPolicy};
+pub use elementwise::DeviceRopeTable;
+pub use selection::SelectionOutputs;
+
+mod modules {
+    include!(concat!(env!("OUT_DIR"), "/modules.rs"));
+}
+
+/// Functions every module exports, by name prefix; dtype and head_dim suffixes are added.
+const DTYPES: &[&str] = &["f32", "bf16", "f16"];
+/// Head dims the attention kernel is instantiated for.
+pub const ATTENTION_HEAD_DIMS: &[usize] = &[64, 128];
+
+/// An element type with CUDA kernels.
+pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits + Unpin {}
+impl CudaElement for f32 {}
+impl CudaElement for half::bf16 {}
+impl CudaElement for half::f16 {}
+
+/// The loaded kernels, bound to one stream.
+pub struct CudaKernels {
+    stream: Arc<CudaStream>,
+    functions: HashMap<String, CudaFunction>,
+    num_sms: usize,
+}
+
+impl CudaKernels {
+    /// Loads every module into the stream's context.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self, KernelError> {
+        let ctx = stream.context();
+        let mut functions = HashMap::new();
+        for (module_name, image) in modules::MODULES {
+            let module = ctx.load_module(Ptx::from_binary(image.to_vec()))?;
+            for name in function_names(module_name) {
+                functions.insert(name.clone(), module.load_function(&name)?);
+            }
+        }
+        let num_sms = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as usize;
+        Ok(Self { stream, functions, num_sms })
+    }
+
+    /// Device 0 with its default stream.
+    pub fn on_device(ordinal: usize) -> Result<Self, KernelError> {
+        let ctx: Arc<CudaContext> = CudaContext::new(ordinal)?;
+        Self::new(ctx.default_stream())
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn num_sms(&self) -> usize {
+        self.num_sms
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction, KernelError> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| KernelError::MissingKernel(name.to_string()))
+    }
+}
+
+fn function_names(module: &str) -> Vec<String> {
+    let per_dtype = |prefix: &'static str| DTYPES.iter().map(move |d| format!("{prefix}_{d}"));
+    match module {
+        "attention" => DTYPES
+            .iter()
+            .flat_map(|d| {
+                ATTENTION_HEAD_DIMS.iter().flat_map(move |hd| {
+                    [
+                        format!("paged_attention_{d}_d{hd}"),
+                        format!("paged_attention_combine_{d}_d{hd}"),
+                    ]
+                })
+            })
+            .collect(),
+        "kv_scatter" => per_dtype("kv_scatter").collect(),
+        "rmsnorm" => per_dtype("residual_rmsnorm").collect(),
+        "rope" => per_dtype("rope").collect(),
+        "confidence" => per_dtype("row_confidence")
+            .chain(["select_unmask".to_string()])
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn to_i32(field: &'static str, value: usize) -> Result<i32, KernelError> {
+    i32::try_from(value).map_err(|_| KernelError::OutOfRange {
+        field,
+        value: value as i64,
+        limit: format!("must fit in i32 (at most {})", i32::MAX),
+    })
+}
