@@ -38,13 +38,13 @@ bf16=$(awk '/^bf16_tflops/ {print $2}' "$out/ceilings.txt")
 fp32=$(awk '/^fp32_tflops/ {print $2}' "$out/ceilings.txt")
 
 echo "== parity tests"
-if timeout 240 "$here/cuda_parity" 2>&1 | tee "$out/parity.log" | grep -E "^test |test result|panicked|error"; then :; fi
+if timeout 150 "$here/cuda_parity" 2>&1 | tee "$out/parity.log" | grep -E "^test |test result|panicked|error"; then :; fi
 summary+=("parity: $(grep 'test result' "$out/parity.log" | tail -1)")
 
 echo "== compute-sanitizer"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
-    timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$here/cuda_parity" \
+    timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 "$here/cuda_parity" \
       attention_smollm2_shape::bf16 select_unmask_parity residual_rmsnorm::bf16 \
       >"$out/sanitizer-$tool.log" 2>&1
     rc=$?
@@ -55,7 +55,7 @@ else
 fi
 
 echo "== kernel benchmark"
-timeout 200 "$here/sdlm-kernel-bench" ${bf16:+--matmul-tflops "$bf16"} ${fp32:+--fp32-tflops "$fp32"} \
+timeout 150 "$here/sdlm-kernel-bench" ${bf16:+--matmul-tflops "$bf16"} ${fp32:+--fp32-tflops "$fp32"} \
   >"$out/bench.txt" 2>&1
 summary+=("bench: exit $?")
 

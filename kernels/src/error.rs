@@ -23,10 +23,18 @@ pub enum KernelError {
     MissingKernel(String),
 }
 
-pub(crate) fn check_len(field: &'static str, actual: usize, expected: usize) -> Result<(), KernelError> {
+pub(crate) fn check_len(
+    field: &'static str,
+    actual: usize,
+    expected: usize,
+) -> Result<(), KernelError> {
     if actual == expected {
         Ok(())
     } else {
-        Err(KernelError::Length { field, actual, expected })
+        Err(KernelError::Length {
+            field,
+            actual,
+            expected,
+        })
     }
 }

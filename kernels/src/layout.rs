@@ -81,7 +81,11 @@ pub struct BatchStats {
 
 impl RaggedBatch<'_> {
     /// Checks every index the kernels will follow, so that no kernel reads out of bounds.
-    pub fn validate(&self, shape: &AttentionShape, num_pages: usize) -> Result<BatchStats, KernelError> {
+    pub fn validate(
+        &self,
+        shape: &AttentionShape,
+        num_pages: usize,
+    ) -> Result<BatchStats, KernelError> {
         shape.validate()?;
         let num_seqs = self.context_lens.len();
         check_len("query_starts", self.query_starts.len(), num_seqs + 1)?;
@@ -92,16 +96,28 @@ impl RaggedBatch<'_> {
             num_seqs * self.max_pages_per_seq,
         )?;
         if self.query_starts[0] != 0 {
-            return Err(out_of_range("query_starts[0]", self.query_starts[0], "must be 0"));
+            return Err(out_of_range(
+                "query_starts[0]",
+                self.query_starts[0],
+                "must be 0",
+            ));
         }
         let (mut max_query_len, mut max_keys) = (0usize, 0usize);
         for s in 0..num_seqs {
             let len = self.query_starts[s + 1] - self.query_starts[s];
             if len < 1 {
-                return Err(out_of_range("query length", len, "each sequence needs at least 1 query token"));
+                return Err(out_of_range(
+                    "query length",
+                    len,
+                    "each sequence needs at least 1 query token",
+                ));
             }
             if self.query_blocks[s] < 1 {
-                return Err(out_of_range("query_blocks", self.query_blocks[s], "must be at least 1"));
+                return Err(out_of_range(
+                    "query_blocks",
+                    self.query_blocks[s],
+                    "must be at least 1",
+                ));
             }
             let ctx = self.context_lens[s];
             if ctx < 0 {
@@ -112,12 +128,19 @@ impl RaggedBatch<'_> {
                 return Err(out_of_range(
                     "context_lens",
                     ctx,
-                    &format!("needs {pages_needed} pages; block table rows hold {}", self.max_pages_per_seq),
+                    &format!(
+                        "needs {pages_needed} pages; block table rows hold {}",
+                        self.max_pages_per_seq
+                    ),
                 ));
             }
             for &page in &self.block_tables[s * self.max_pages_per_seq..][..pages_needed] {
                 if page < 0 || page as usize >= num_pages {
-                    return Err(out_of_range("block_tables", page, &format!("the pool has {num_pages} pages")));
+                    return Err(out_of_range(
+                        "block_tables",
+                        page,
+                        &format!("the pool has {num_pages} pages"),
+                    ));
                 }
             }
             max_query_len = max_query_len.max(len as usize);

@@ -20,19 +20,47 @@ fn kernels() -> CudaKernels {
 }
 
 fn tolerance<T: CudaElement>() -> f64 {
-    if std::mem::size_of::<T>() == 4 { 1e-5 } else { 1e-3 }
+    if std::mem::size_of::<T>() == 4 {
+        1e-5
+    } else {
+        1e-3
+    }
 }
 
 fn poisoned<T: CudaElement>(k: &CudaKernels, n: usize) -> cudarc::driver::CudaSlice<T> {
-    k.stream().clone_htod(&vec![T::from_f32(f32::NAN); n]).unwrap()
+    k.stream()
+        .clone_htod(&vec![T::from_f32(f32::NAN); n])
+        .unwrap()
 }
 
-const QWEN2_05B: AttentionShape = AttentionShape { num_heads: 14, num_kv_heads: 2, head_dim: 64, page_size: 16 };
-const QWEN3_06B: AttentionShape = AttentionShape { num_heads: 16, num_kv_heads: 8, head_dim: 128, page_size: 16 };
-const SMOLLM2: AttentionShape = AttentionShape { num_heads: 9, num_kv_heads: 3, head_dim: 64, page_size: 8 };
+const QWEN2_05B: AttentionShape = AttentionShape {
+    num_heads: 14,
+    num_kv_heads: 2,
+    head_dim: 64,
+    page_size: 16,
+};
+const QWEN3_06B: AttentionShape = AttentionShape {
+    num_heads: 16,
+    num_kv_heads: 8,
+    head_dim: 128,
+    page_size: 16,
+};
+const SMOLLM2: AttentionShape = AttentionShape {
+    num_heads: 9,
+    num_kv_heads: 3,
+    head_dim: 64,
+    page_size: 8,
+};
 
 /// Causal prefill, a diffusion block, an AR step, block-causal blocks, a cold start.
-const MIXED: &[Seq] = &[seq(0, 5, 1), seq(37, 32, 32), seq(100, 1, 1), seq(16, 20, 4), seq(300, 8, 8), seq(0, 16, 16)];
+const MIXED: &[Seq] = &[
+    seq(0, 5, 1),
+    seq(37, 32, 32),
+    seq(100, 1, 1),
+    seq(16, 20, 4),
+    seq(300, 8, 8),
+    seq(0, 16, 16),
+];
 
 fn attention_parity<T: CudaElement>(shape: AttentionShape, seqs: &[Seq], splits: SplitPolicy) {
     let k = kernels();
@@ -41,20 +69,38 @@ fn attention_parity<T: CudaElement>(shape: AttentionShape, seqs: &[Seq], splits:
     let want = case.reference();
     let s = k.stream();
     let batch = DeviceRaggedBatch::upload(&k, &shape, &case.batch(), case.num_pages).unwrap();
-    let (q, kn, vn) = (s.clone_htod(&case.q).unwrap(), s.clone_htod(&case.k_new).unwrap(), s.clone_htod(&case.v_new).unwrap());
-    let (kp, vp) = (s.clone_htod(&case.k_pages).unwrap(), s.clone_htod(&case.v_pages).unwrap());
+    let (q, kn, vn) = (
+        s.clone_htod(&case.q).unwrap(),
+        s.clone_htod(&case.k_new).unwrap(),
+        s.clone_htod(&case.v_new).unwrap(),
+    );
+    let (kp, vp) = (
+        s.clone_htod(&case.k_pages).unwrap(),
+        s.clone_htod(&case.v_pages).unwrap(),
+    );
     let mut ws = AttentionWorkspace::default();
     for run in 0..2 {
         let mut out = poisoned::<T>(&k, case.q.len());
-        k.paged_attention(&batch, &q, &kn, &vn, &kp, &vp, case.scale, &mut out, &mut ws, splits).unwrap();
+        k.paged_attention(
+            &batch, &q, &kn, &vn, &kp, &vp, case.scale, &mut out, &mut ws, splits,
+        )
+        .unwrap();
         let got = s.clone_dtoh(&out).unwrap();
         let err = rel_err(&got, &want);
-        assert!(err <= tolerance::<T>(), "{} {shape:?} {splits:?} run {run}: relative error {err}", T::NAME);
+        assert!(
+            err <= tolerance::<T>(),
+            "{} {shape:?} {splits:?} run {run}: relative error {err}",
+            T::NAME
+        );
     }
 }
 
 fn attention_all_splits<T: CudaElement>(shape: AttentionShape, seqs: &[Seq]) {
-    for splits in [SplitPolicy::Auto, SplitPolicy::Fixed(1), SplitPolicy::Fixed(3)] {
+    for splits in [
+        SplitPolicy::Auto,
+        SplitPolicy::Fixed(1),
+        SplitPolicy::Fixed(3),
+    ] {
         attention_parity::<T>(shape, seqs, splits);
     }
 }
@@ -70,9 +116,24 @@ macro_rules! per_dtype {
     };
 }
 
-per_dtype!(attention_qwen2_shape, attention_all_splits, QWEN2_05B, MIXED);
-per_dtype!(attention_qwen3_shape, attention_all_splits, QWEN3_06B, MIXED);
-per_dtype!(attention_smollm2_shape, attention_all_splits, SMOLLM2, MIXED);
+per_dtype!(
+    attention_qwen2_shape,
+    attention_all_splits,
+    QWEN2_05B,
+    MIXED
+);
+per_dtype!(
+    attention_qwen3_shape,
+    attention_all_splits,
+    QWEN3_06B,
+    MIXED
+);
+per_dtype!(
+    attention_smollm2_shape,
+    attention_all_splits,
+    SMOLLM2,
+    MIXED
+);
 
 fn attention_long_diffusion_batch<T: CudaElement>() {
     // 16 sequences with long contexts and 32-token blocks: several query tiles per (seq, kv
@@ -96,9 +157,17 @@ fn kv_scatter_parity<T: CudaElement>() {
     let kb: Vec<T> = common::random_vec(&mut rng, slots.len() * row, 1.0);
     let vb: Vec<T> = common::random_vec(&mut rng, slots.len() * row, 1.0);
     let s = k.stream();
-    let (mut kp, mut vp) = (s.clone_htod(&k_pages).unwrap(), s.clone_htod(&v_pages).unwrap());
-    let (kbd, vbd, sd) = (s.clone_htod(&kb).unwrap(), s.clone_htod(&vb).unwrap(), s.clone_htod(&slots).unwrap());
-    k.kv_scatter(row, &kbd, &vbd, &sd, &mut kp, &mut vp).unwrap();
+    let (mut kp, mut vp) = (
+        s.clone_htod(&k_pages).unwrap(),
+        s.clone_htod(&v_pages).unwrap(),
+    );
+    let (kbd, vbd, sd) = (
+        s.clone_htod(&kb).unwrap(),
+        s.clone_htod(&vb).unwrap(),
+        s.clone_htod(&slots).unwrap(),
+    );
+    k.kv_scatter(row, &kbd, &vbd, &sd, &mut kp, &mut vp)
+        .unwrap();
     reference::kv_scatter(row, &kb, &vb, &slots, &mut k_pages, &mut v_pages).unwrap();
     let bits = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&s.clone_dtoh(&kp).unwrap()), bits(&k_pages));
@@ -116,11 +185,22 @@ fn rmsnorm_parity<T: CudaElement>() {
         let (mut r_ref, mut out_ref) = (r.clone(), vec![T::default(); rows * hidden]);
         reference::residual_rmsnorm(hidden, &x, &mut r_ref, &w, 1e-6, &mut out_ref).unwrap();
         let s = k.stream();
-        let (xd, wd, mut rd) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap(), s.clone_htod(&r).unwrap());
+        let (xd, wd, mut rd) = (
+            s.clone_htod(&x).unwrap(),
+            s.clone_htod(&w).unwrap(),
+            s.clone_htod(&r).unwrap(),
+        );
         let mut out = poisoned::<T>(&k, rows * hidden);
-        k.residual_rmsnorm(hidden, &xd, &mut rd, &wd, 1e-6, &mut out).unwrap();
-        let (e_out, e_res) = (rel_err(&s.clone_dtoh(&out).unwrap(), &out_ref), rel_err(&s.clone_dtoh(&rd).unwrap(), &r_ref));
-        assert!(e_out <= tolerance::<T>() && e_res <= tolerance::<T>(), "{rows}x{hidden}: out {e_out}, residual {e_res}");
+        k.residual_rmsnorm(hidden, &xd, &mut rd, &wd, 1e-6, &mut out)
+            .unwrap();
+        let (e_out, e_res) = (
+            rel_err(&s.clone_dtoh(&out).unwrap(), &out_ref),
+            rel_err(&s.clone_dtoh(&rd).unwrap(), &r_ref),
+        );
+        assert!(
+            e_out <= tolerance::<T>() && e_res <= tolerance::<T>(),
+            "{rows}x{hidden}: out {e_out}, residual {e_res}"
+        );
     }
 }
 per_dtype!(residual_rmsnorm, rmsnorm_parity);
@@ -139,7 +219,10 @@ fn rope_parity<T: CudaElement>() {
         let td = k.upload_rope_table(&table).unwrap();
         k.rope_inplace(&mut xd, &pd, &td, heads).unwrap();
         let err = rel_err(&s.clone_dtoh(&xd).unwrap(), &want);
-        assert!(err <= tolerance::<T>(), "heads {heads} d {d}: relative error {err}");
+        assert!(
+            err <= tolerance::<T>(),
+            "heads {heads} d {d}: relative error {err}"
+        );
     }
 }
 per_dtype!(rope, rope_parity);
@@ -151,20 +234,36 @@ fn confidence_parity<T: CudaElement>() {
     for (rows, vocab) in [(40, 151_936), (64, 8192), (9, 1001)] {
         let mut logits: Vec<T> = common::random_vec(&mut rng, rows * vocab, 8.0);
         // A banned token (the mask token's logit is forced to -inf) at the start of each row.
-        logits.iter_mut().step_by(vocab).for_each(|x| *x = T::from_f32(f32::NEG_INFINITY));
+        logits
+            .iter_mut()
+            .step_by(vocab)
+            .for_each(|x| *x = T::from_f32(f32::NEG_INFINITY));
         let d_logits = k.stream().clone_htod(&logits).unwrap();
         for temperature in [0.0f32, 0.7] {
             let want = reference::row_confidence(&logits, vocab, temperature).unwrap();
             let mut outs = SelectionOutputs::new(&k, rows).unwrap();
-            k.stream().memcpy_htod(&vec![-7i32; rows], &mut outs.tokens).unwrap();
-            k.stream().memcpy_htod(&vec![f32::NAN; rows], &mut outs.confidence).unwrap();
-            k.row_confidence(&d_logits, vocab, temperature, &mut outs).unwrap();
+            k.stream()
+                .memcpy_htod(&vec![-7i32; rows], &mut outs.tokens)
+                .unwrap();
+            k.stream()
+                .memcpy_htod(&vec![f32::NAN; rows], &mut outs.confidence)
+                .unwrap();
+            k.row_confidence(&d_logits, vocab, temperature, &mut outs)
+                .unwrap();
             let tokens = k.stream().clone_dtoh(&outs.tokens).unwrap();
             let conf = k.stream().clone_dtoh(&outs.confidence).unwrap();
             for r in 0..rows {
-                assert_eq!(tokens[r], want[r].token, "row {r} of {vocab}, T {temperature}");
+                assert_eq!(
+                    tokens[r], want[r].token,
+                    "row {r} of {vocab}, T {temperature}"
+                );
                 let e = ((conf[r] - want[r].confidence) / want[r].confidence).abs() as f64;
-                assert!(e <= 1e-5, "row {r} of {vocab}, T {temperature}: confidence {} vs {}", conf[r], want[r].confidence);
+                assert!(
+                    e <= 1e-5,
+                    "row {r} of {vocab}, T {temperature}: confidence {} vs {}",
+                    conf[r],
+                    want[r].confidence
+                );
             }
         }
     }
@@ -182,20 +281,28 @@ fn select_unmask_parity() {
             starts.push(starts.last().unwrap() + n);
         }
         let rows = *starts.last().unwrap() as usize;
-        let conf: Vec<f32> = (0..rows).map(|_| rng.random_range(0..64) as f32 / 64.0).collect();
+        let conf: Vec<f32> = (0..rows)
+            .map(|_| rng.random_range(0..64) as f32 / 64.0)
+            .collect();
         let masked: Vec<bool> = (0..rows).map(|_| rng.random_bool(0.6)).collect();
         let mins: Vec<i32> = (0..sizes.len()).map(|_| rng.random_range(0..40)).collect();
         let want = reference::select_unmask(&conf, &masked, &starts, &mins, 0.9).unwrap();
         let mut outs = SelectionOutputs::new(&k, rows).unwrap();
         let s = k.stream();
         s.memcpy_htod(&conf, &mut outs.confidence).unwrap();
-        s.memcpy_htod(&vec![0xAAu8; rows.max(1)], &mut outs.unmask).unwrap();
-        let m = s.clone_htod(&masked.iter().map(|&b| b as u8).collect::<Vec<_>>()).unwrap();
+        s.memcpy_htod(&vec![0xAAu8; rows.max(1)], &mut outs.unmask)
+            .unwrap();
+        let m = s
+            .clone_htod(&masked.iter().map(|&b| b as u8).collect::<Vec<_>>())
+            .unwrap();
         k.select_unmask(&m, &starts, &mins, 0.9, &mut outs).unwrap();
-        let got: Vec<bool> = s.clone_dtoh(&outs.unmask).unwrap()[..rows].iter().map(|&b| {
-            assert!(b <= 1, "unwritten unmask flag");
-            b == 1
-        }).collect();
+        let got: Vec<bool> = s.clone_dtoh(&outs.unmask).unwrap()[..rows]
+            .iter()
+            .map(|&b| {
+                assert!(b <= 1, "unwritten unmask flag");
+                b == 1
+            })
+            .collect();
         assert_eq!(got, want);
     }
 }

@@ -6,11 +6,17 @@ mod common;
 use common::{rel_err, seq, AttentionCase, Seq};
 use rand::Rng;
 use sdlm_kernels::reference::{
-    kv_scatter, paged_attention, residual_rmsnorm, rope_inplace, row_confidence, select_unmask, RopeTable,
+    kv_scatter, paged_attention, residual_rmsnorm, rope_inplace, row_confidence, select_unmask,
+    RopeTable,
 };
 use sdlm_kernels::{AttentionShape, KernelError};
 
-const SHAPE: AttentionShape = AttentionShape { num_heads: 6, num_kv_heads: 2, head_dim: 16, page_size: 4 };
+const SHAPE: AttentionShape = AttentionShape {
+    num_heads: 6,
+    num_kv_heads: 2,
+    head_dim: 16,
+    page_size: 4,
+};
 
 /// Dense attention in f64 with the mask written out as a matrix, from the rule in the docs.
 fn dense_attention(case: &AttentionCase<f32>) -> Vec<f32> {
@@ -37,7 +43,11 @@ fn dense_attention(case: &AttentionCase<f32>) -> Vec<f32> {
             values.push(&case.v_new[off..off + kvh * d]);
         }
         let mask: Vec<Vec<bool>> = (0..qlen)
-            .map(|i| (0..ctx + qlen).map(|t| t < ctx || (t - ctx) / qb <= i / qb).collect())
+            .map(|i| {
+                (0..ctx + qlen)
+                    .map(|t| t < ctx || (t - ctx) / qb <= i / qb)
+                    .collect()
+            })
             .collect();
         for i in 0..qlen {
             for head in 0..h {
@@ -49,14 +59,20 @@ fn dense_attention(case: &AttentionCase<f32>) -> Vec<f32> {
                             return f64::NEG_INFINITY;
                         }
                         let k = &keys[t][kv * d..][..d];
-                        q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * case.scale as f64
+                        q.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * case.scale as f64
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for j in 0..d {
-                    let o: f64 = (0..ctx + qlen).map(|t| weights[t] * values[t][kv * d + j] as f64).sum();
+                    let o: f64 = (0..ctx + qlen)
+                        .map(|t| weights[t] * values[t][kv * d + j] as f64)
+                        .sum();
                     out[((q0 + i) * h + head) * d + j] = (o / total) as f32;
                 }
             }
@@ -65,7 +81,13 @@ fn dense_attention(case: &AttentionCase<f32>) -> Vec<f32> {
     out
 }
 
-const MIXED: &[Seq] = &[seq(0, 5, 1), seq(9, 8, 8), seq(13, 1, 1), seq(4, 10, 4), seq(21, 3, 2)];
+const MIXED: &[Seq] = &[
+    seq(0, 5, 1),
+    seq(9, 8, 8),
+    seq(13, 1, 1),
+    seq(4, 10, 4),
+    seq(21, 3, 2),
+];
 
 #[test]
 fn paged_attention_matches_dense_masked_attention() {
@@ -94,19 +116,31 @@ fn causal_prefill_equals_decoding_one_token_at_a_time() {
         for t in 0..ctx + i {
             let (src_k, src_v) = if t < ctx {
                 let o = slot_of(&chunk, t) * row;
-                (chunk.k_pages[o..o + row].to_vec(), chunk.v_pages[o..o + row].to_vec())
+                (
+                    chunk.k_pages[o..o + row].to_vec(),
+                    chunk.v_pages[o..o + row].to_vec(),
+                )
             } else {
                 let o = (t - ctx) * row;
-                (chunk.k_new[o..o + row].to_vec(), chunk.v_new[o..o + row].to_vec())
+                (
+                    chunk.k_new[o..o + row].to_vec(),
+                    chunk.v_new[o..o + row].to_vec(),
+                )
             };
             let o = slot_of(&step, t) * row;
             step.k_pages[o..o + row].copy_from_slice(&src_k);
             step.v_pages[o..o + row].copy_from_slice(&src_v);
         }
         step.q.copy_from_slice(&chunk.q[i * h * d..(i + 1) * h * d]);
-        step.k_new.copy_from_slice(&chunk.k_new[i * row..(i + 1) * row]);
-        step.v_new.copy_from_slice(&chunk.v_new[i * row..(i + 1) * row]);
-        assert_eq!(step.reference(), full[i * h * d..(i + 1) * h * d], "token {i}");
+        step.k_new
+            .copy_from_slice(&chunk.k_new[i * row..(i + 1) * row]);
+        step.v_new
+            .copy_from_slice(&chunk.v_new[i * row..(i + 1) * row]);
+        assert_eq!(
+            step.reference(),
+            full[i * h * d..(i + 1) * h * d],
+            "token {i}"
+        );
     }
 }
 
@@ -117,11 +151,27 @@ fn attention_refuses_a_block_table_entry_outside_the_pool() {
     case.block_tables[0] = case.num_pages as i32;
     let mut out = vec![0f32; case.q.len()];
     let err = paged_attention(
-        &case.shape, &case.batch(), &case.q, &case.k_new, &case.v_new, &case.k_pages, &case.v_pages,
-        case.scale, &mut out,
+        &case.shape,
+        &case.batch(),
+        &case.q,
+        &case.k_new,
+        &case.v_new,
+        &case.k_pages,
+        &case.v_pages,
+        case.scale,
+        &mut out,
     )
     .unwrap_err();
-    assert!(matches!(err, KernelError::OutOfRange { field: "block_tables", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            KernelError::OutOfRange {
+                field: "block_tables",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("pages"), "{err}");
 }
 
@@ -165,7 +215,9 @@ fn residual_rmsnorm_matches_f64_formula() {
     residual_rmsnorm(hidden, &x, &mut r, &w, 1e-6, &mut out).unwrap();
     let mut want = vec![0f32; rows * hidden];
     for row in 0..rows {
-        let z: Vec<f64> = (0..hidden).map(|j| x[row * hidden + j] as f64 + r0[row * hidden + j] as f64).collect();
+        let z: Vec<f64> = (0..hidden)
+            .map(|j| x[row * hidden + j] as f64 + r0[row * hidden + j] as f64)
+            .collect();
         let inv = 1.0 / (z.iter().map(|v| v * v).sum::<f64>() / hidden as f64 + 1e-6).sqrt();
         for j in 0..hidden {
             assert!((r[row * hidden + j] as f64 - z[j]).abs() <= 1e-6 * z[j].abs().max(1.0));
@@ -191,9 +243,18 @@ fn rope_rotates_pairs_by_position_times_frequency() {
             for j in 0..d / 2 {
                 let angle = p as f64 * (theta as f64).powf(-(2.0 * j as f64) / d as f64);
                 let (a, b) = (x0[base + j] as f64, x0[base + j + d / 2] as f64);
-                let want = (a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin());
-                assert!((x[base + j] as f64 - want.0).abs() < 1e-4, "pos {p} dim {j}");
-                assert!((x[base + j + d / 2] as f64 - want.1).abs() < 1e-4, "pos {p} dim {j}");
+                let want = (
+                    a * angle.cos() - b * angle.sin(),
+                    b * angle.cos() + a * angle.sin(),
+                );
+                assert!(
+                    (x[base + j] as f64 - want.0).abs() < 1e-4,
+                    "pos {p} dim {j}"
+                );
+                assert!(
+                    (x[base + j + d / 2] as f64 - want.1).abs() < 1e-4,
+                    "pos {p} dim {j}"
+                );
             }
         }
     }
@@ -208,7 +269,11 @@ fn row_confidence_is_the_softmax_probability_of_the_arg_max() {
     let logits: Vec<f32> = common::random_vec(&mut rng, 4 * vocab, 6.0);
     for temperature in [0.0f32, 0.5, 1.7] {
         let got = row_confidence(&logits, vocab, temperature).unwrap();
-        let t = if temperature > 0.0 { temperature as f64 } else { 1.0 };
+        let t = if temperature > 0.0 {
+            temperature as f64
+        } else {
+            1.0
+        };
         for (row, g) in logits.chunks(vocab).zip(&got) {
             let scaled: Vec<f64> = row.iter().map(|&x| x as f64 / t).collect();
             let best = (0..vocab).fold(0, |b, i| if scaled[i] > scaled[b] { i } else { b });
@@ -217,7 +282,10 @@ fn row_confidence_is_the_softmax_probability_of_the_arg_max() {
             assert!((g.confidence as f64 - scaled[best].exp() / z).abs() < 1e-6);
         }
     }
-    assert!(row_confidence(&logits, vocab, f32::NAN).unwrap_err().to_string().contains("temperature"));
+    assert!(row_confidence(&logits, vocab, f32::NAN)
+        .unwrap_err()
+        .to_string()
+        .contains("temperature"));
 }
 
 #[test]
@@ -231,7 +299,9 @@ fn select_unmask_takes_the_confident_and_at_least_the_minimum() {
         }
         let rows = *starts.last().unwrap() as usize;
         // Few distinct values, so that ties happen.
-        let conf: Vec<f32> = (0..rows).map(|_| rng.random_range(0..8) as f32 / 8.0).collect();
+        let conf: Vec<f32> = (0..rows)
+            .map(|_| rng.random_range(0..8) as f32 / 8.0)
+            .collect();
         let masked: Vec<bool> = (0..rows).map(|_| rng.random_bool(0.7)).collect();
         let mins: Vec<i32> = (0..4).map(|_| rng.random_range(0..4)).collect();
         let tau = 0.75;
@@ -239,11 +309,25 @@ fn select_unmask_takes_the_confident_and_at_least_the_minimum() {
         for b in 0..4 {
             let range = starts[b] as usize..starts[b + 1] as usize;
             let n_masked = range.clone().filter(|&i| masked[i]).count();
-            let n_pass = range.clone().filter(|&i| masked[i] && conf[i] >= tau).count();
+            let n_pass = range
+                .clone()
+                .filter(|&i| masked[i] && conf[i] >= tau)
+                .count();
             let chosen: Vec<usize> = range.clone().filter(|&i| pick[i]).collect();
-            assert!(chosen.iter().all(|&i| masked[i]), "only masked rows are unmasked");
-            assert!(range.clone().all(|i| !(masked[i] && conf[i] >= tau) || pick[i]), "all confident rows");
-            assert_eq!(chosen.len(), n_pass.max((mins[b].max(0) as usize).min(n_masked)));
+            assert!(
+                chosen.iter().all(|&i| masked[i]),
+                "only masked rows are unmasked"
+            );
+            assert!(
+                range
+                    .clone()
+                    .all(|i| !(masked[i] && conf[i] >= tau) || pick[i]),
+                "all confident rows"
+            );
+            assert_eq!(
+                chosen.len(),
+                n_pass.max((mins[b].max(0) as usize).min(n_masked))
+            );
             // Every extra pick beats (or ties with a lower index) every masked row left behind.
             for &i in chosen.iter().filter(|&&i| conf[i] < tau) {
                 for j in range.clone().filter(|&j| masked[j] && !pick[j]) {

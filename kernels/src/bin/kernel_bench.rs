@@ -6,9 +6,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, sys::CUevent_flags};
+use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
 use half::bf16;
-use sdlm_kernels::cuda::{AttentionWorkspace, CudaElement, CudaKernels, DeviceRaggedBatch, SelectionOutputs, SplitPolicy};
+use sdlm_kernels::cuda::{
+    AttentionWorkspace, CudaElement, CudaKernels, DeviceRaggedBatch, SelectionOutputs, SplitPolicy,
+};
 use sdlm_kernels::reference::RopeTable;
 use sdlm_kernels::{AttentionShape, Element, KernelError, RaggedBatch};
 
@@ -21,7 +23,11 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { iters: 30, matmul_tflops: None, fp32_tflops: None };
+    let mut a = Args {
+        iters: 30,
+        matmul_tflops: None,
+        fp32_tflops: None,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -94,7 +100,10 @@ fn print_table(rows: &[Row], c: &Ceilings) {
     );
     for r in rows {
         let mem_floor = r.bytes / (c.copy_gbs * 1e9) * 1e3;
-        let flop_floor = c.matmul_tflops.map(|t| r.flops / (t * 1e12) * 1e3).unwrap_or(0.0);
+        let flop_floor = c
+            .matmul_tflops
+            .map(|t| r.flops / (t * 1e12) * 1e3)
+            .unwrap_or(0.0);
         let floor = mem_floor.max(flop_floor);
         println!(
             "{:<58} {:>9.1} {:>8.0} {:>6.0}% {:>8.2} {:>9.1} {:>8.0}%",
@@ -113,7 +122,9 @@ fn print_table(rows: &[Row], c: &Ceilings) {
         c.matmul_tflops.map_or("n/a".into(), |t| format!("{t:.0}")),
         c.fp32_tflops.map_or("n/a".into(), |t| format!("{t:.1}")),
     );
-    println!("%copy = bytes floor / time; floor = max(bytes / copy bandwidth, FLOPs / matrix rate)");
+    println!(
+        "%copy = bytes floor / time; floor = max(bytes / copy bandwidth, FLOPs / matrix rate)"
+    );
 }
 
 fn copy_bandwidth(k: &CudaKernels, iters: usize) -> Res<f64> {
@@ -163,13 +174,36 @@ fn attention<T: CudaElement>(k: &CudaKernels, b: &AttentionBench, iters: usize) 
     let mut out: CudaSlice<T> = s.alloc_zeros(tokens * h * d)?;
     let mut ws = AttentionWorkspace::default();
     let scale = 1.0 / (d as f32).sqrt();
-    let ms = time_ms(s, iters, || k.paged_attention(&dbatch, &q, &kn, &vn, &kp, &vp, scale, &mut out, &mut ws, SplitPolicy::Auto))?;
+    let ms = time_ms(s, iters, || {
+        k.paged_attention(
+            &dbatch,
+            &q,
+            &kn,
+            &vn,
+            &kp,
+            &vp,
+            scale,
+            &mut out,
+            &mut ws,
+            SplitPolicy::Auto,
+        )
+    })?;
     let e = std::mem::size_of::<T>() as f64;
     let keys = (b.context + b.query) as f64;
     let bytes = e * (b.batch as f64 * keys * (2 * kvh * d) as f64 + 2.0 * (tokens * h * d) as f64);
     let flops = 4.0 * tokens as f64 * h as f64 * keys * d as f64;
     Ok(Row {
-        name: format!("attention {} {} b{} ctx{} q{} h{}/{} d{}", T::NAME, b.label, b.batch, b.context, b.query, h, kvh, d),
+        name: format!(
+            "attention {} {} b{} ctx{} q{} h{}/{} d{}",
+            T::NAME,
+            b.label,
+            b.batch,
+            b.context,
+            b.query,
+            h,
+            kvh,
+            d
+        ),
         ms,
         bytes,
         flops,
@@ -183,8 +217,15 @@ fn rmsnorm(k: &CudaKernels, iters: usize) -> Res<Row> {
     let mut r: CudaSlice<bf16> = s.clone_htod(&random::<bf16>(rows * hidden, 8))?;
     let w: CudaSlice<bf16> = s.clone_htod(&random::<bf16>(hidden, 9))?;
     let mut out: CudaSlice<bf16> = s.alloc_zeros(rows * hidden)?;
-    let ms = time_ms(s, iters, || k.residual_rmsnorm(hidden, &x, &mut r, &w, 1e-6, &mut out))?;
-    Ok(Row { name: format!("residual_rmsnorm bf16 rows{rows} hidden{hidden}"), ms, bytes: 4.0 * 2.0 * (rows * hidden) as f64, flops: 0.0 })
+    let ms = time_ms(s, iters, || {
+        k.residual_rmsnorm(hidden, &x, &mut r, &w, 1e-6, &mut out)
+    })?;
+    Ok(Row {
+        name: format!("residual_rmsnorm bf16 rows{rows} hidden{hidden}"),
+        ms,
+        bytes: 4.0 * 2.0 * (rows * hidden) as f64,
+        flops: 0.0,
+    })
 }
 
 fn rope(k: &CudaKernels, iters: usize) -> Res<Row> {
@@ -195,7 +236,12 @@ fn rope(k: &CudaKernels, iters: usize) -> Res<Row> {
     let p = s.clone_htod(&positions)?;
     let table = k.upload_rope_table(&RopeTable::new(d, 1_000_000.0, 4096))?;
     let ms = time_ms(s, iters, || k.rope_inplace(&mut x, &p, &table, heads))?;
-    Ok(Row { name: format!("rope bf16 tokens{tokens} heads{heads} d{d}"), ms, bytes: 2.0 * 2.0 * (tokens * heads * d) as f64, flops: 0.0 })
+    Ok(Row {
+        name: format!("rope bf16 tokens{tokens} heads{heads} d{d}"),
+        ms,
+        bytes: 2.0 * 2.0 * (tokens * heads * d) as f64,
+        flops: 0.0,
+    })
 }
 
 fn kv_scatter(k: &CudaKernels, iters: usize) -> Res<Row> {
@@ -206,10 +252,19 @@ fn kv_scatter(k: &CudaKernels, iters: usize) -> Res<Row> {
     let mut kp: CudaSlice<bf16> = s.alloc_zeros(tokens * row)?;
     let mut vp: CudaSlice<bf16> = s.alloc_zeros(tokens * row)?;
     // Slots in a scattered order, as pages from a free list are.
-    let slots: Vec<i32> = (0..tokens as i32).map(|t| (t * 7919) % tokens as i32).collect();
+    let slots: Vec<i32> = (0..tokens as i32)
+        .map(|t| (t * 7919) % tokens as i32)
+        .collect();
     let sl = s.clone_htod(&slots)?;
-    let ms = time_ms(s, iters, || k.kv_scatter(row, &kb, &vb, &sl, &mut kp, &mut vp))?;
-    Ok(Row { name: format!("kv_scatter bf16 tokens{tokens} row{row}"), ms, bytes: 2.0 * 2.0 * 2.0 * (tokens * row) as f64, flops: 0.0 })
+    let ms = time_ms(s, iters, || {
+        k.kv_scatter(row, &kb, &vb, &sl, &mut kp, &mut vp)
+    })?;
+    Ok(Row {
+        name: format!("kv_scatter bf16 tokens{tokens} row{row}"),
+        ms,
+        bytes: 2.0 * 2.0 * 2.0 * (tokens * row) as f64,
+        flops: 0.0,
+    })
 }
 
 fn confidence<T: CudaElement>(k: &CudaKernels, iters: usize) -> Res<Row> {
@@ -217,9 +272,16 @@ fn confidence<T: CudaElement>(k: &CudaKernels, iters: usize) -> Res<Row> {
     let s = k.stream();
     let logits: CudaSlice<T> = s.clone_htod(&random::<T>(rows * vocab, 13))?;
     let mut outs = SelectionOutputs::new(k, rows)?;
-    let ms = time_ms(s, iters, || k.row_confidence(&logits, vocab, 0.0, &mut outs))?;
+    let ms = time_ms(s, iters, || {
+        k.row_confidence(&logits, vocab, 0.0, &mut outs)
+    })?;
     let e = std::mem::size_of::<T>() as f64;
-    Ok(Row { name: format!("row_confidence {} rows{rows} vocab{vocab}", T::NAME), ms, bytes: e * (rows * vocab) as f64, flops: 0.0 })
+    Ok(Row {
+        name: format!("row_confidence {} rows{rows} vocab{vocab}", T::NAME),
+        ms,
+        bytes: e * (rows * vocab) as f64,
+        flops: 0.0,
+    })
 }
 
 fn select(k: &CudaKernels, iters: usize) -> Res<Row> {
@@ -227,29 +289,98 @@ fn select(k: &CudaKernels, iters: usize) -> Res<Row> {
     let rows = blocks * block;
     let s = k.stream();
     let mut outs = SelectionOutputs::new(k, rows)?;
-    s.memcpy_htod(&random::<f32>(rows, 14).iter().map(|x| x.abs()).collect::<Vec<_>>(), &mut outs.confidence)?;
+    s.memcpy_htod(
+        &random::<f32>(rows, 14)
+            .iter()
+            .map(|x| x.abs())
+            .collect::<Vec<_>>(),
+        &mut outs.confidence,
+    )?;
     let masked = s.clone_htod(&vec![1u8; rows])?;
     let starts: Vec<i32> = (0..=blocks).map(|b| (b * block) as i32).collect();
     let mins = vec![4i32; blocks];
-    let ms = time_ms(s, iters, || k.select_unmask(&masked, &starts, &mins, 0.9, &mut outs))?;
-    Ok(Row { name: format!("select_unmask blocks{blocks}x{block} (latency; includes 2 small uploads)"), ms, bytes: 0.0, flops: 0.0 })
+    let ms = time_ms(s, iters, || {
+        k.select_unmask(&masked, &starts, &mins, 0.9, &mut outs)
+    })?;
+    Ok(Row {
+        name: format!("select_unmask blocks{blocks}x{block} (latency; includes 2 small uploads)"),
+        ms,
+        bytes: 0.0,
+        flops: 0.0,
+    })
 }
 
 fn main() -> Res<()> {
     let args = parse_args();
     let k = CudaKernels::on_device(0)?;
     let iters = args.iters;
-    let ceilings = Ceilings { copy_gbs: copy_bandwidth(&k, iters)?, matmul_tflops: args.matmul_tflops, fp32_tflops: args.fp32_tflops };
-    let qwen2 = AttentionShape { num_heads: 14, num_kv_heads: 2, head_dim: 64, page_size: 16 };
-    let qwen3 = AttentionShape { num_heads: 16, num_kv_heads: 8, head_dim: 128, page_size: 16 };
+    let ceilings = Ceilings {
+        copy_gbs: copy_bandwidth(&k, iters)?,
+        matmul_tflops: args.matmul_tflops,
+        fp32_tflops: args.fp32_tflops,
+    };
+    let qwen2 = AttentionShape {
+        num_heads: 14,
+        num_kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+    };
+    let qwen3 = AttentionShape {
+        num_heads: 16,
+        num_kv_heads: 8,
+        head_dim: 128,
+        page_size: 16,
+    };
     let cases = [
-        AttentionBench { label: "AR", shape: qwen2, batch: 16, context: 16_384, query: 1 },
-        AttentionBench { label: "AR", shape: qwen2, batch: 64, context: 4_096, query: 1 },
-        AttentionBench { label: "diffusion", shape: qwen2, batch: 16, context: 8_192, query: 32 },
-        AttentionBench { label: "diffusion", shape: qwen2, batch: 16, context: 16_384, query: 32 },
-        AttentionBench { label: "diffusion", shape: qwen2, batch: 64, context: 4_096, query: 8 },
-        AttentionBench { label: "AR", shape: qwen3, batch: 16, context: 4_096, query: 1 },
-        AttentionBench { label: "diffusion", shape: qwen3, batch: 16, context: 4_096, query: 32 },
+        AttentionBench {
+            label: "AR",
+            shape: qwen2,
+            batch: 16,
+            context: 16_384,
+            query: 1,
+        },
+        AttentionBench {
+            label: "AR",
+            shape: qwen2,
+            batch: 64,
+            context: 4_096,
+            query: 1,
+        },
+        AttentionBench {
+            label: "diffusion",
+            shape: qwen2,
+            batch: 16,
+            context: 8_192,
+            query: 32,
+        },
+        AttentionBench {
+            label: "diffusion",
+            shape: qwen2,
+            batch: 16,
+            context: 16_384,
+            query: 32,
+        },
+        AttentionBench {
+            label: "diffusion",
+            shape: qwen2,
+            batch: 64,
+            context: 4_096,
+            query: 8,
+        },
+        AttentionBench {
+            label: "AR",
+            shape: qwen3,
+            batch: 16,
+            context: 4_096,
+            query: 1,
+        },
+        AttentionBench {
+            label: "diffusion",
+            shape: qwen3,
+            batch: 16,
+            context: 4_096,
+            query: 32,
+        },
     ];
     let mut rows = Vec::new();
     for c in &cases {

@@ -33,7 +33,11 @@ impl DeviceRaggedBatch {
         let stats = batch.validate(shape, num_pages)?;
         let s = &kernels.stream;
         // An empty block table still needs a valid device pointer.
-        let tables: &[i32] = if batch.block_tables.is_empty() { &[0] } else { batch.block_tables };
+        let tables: &[i32] = if batch.block_tables.is_empty() {
+            &[0]
+        } else {
+            batch.block_tables
+        };
         Ok(Self {
             query_starts: s.clone_htod(batch.query_starts)?,
             context_lens: s.clone_htod(batch.context_lens)?,
@@ -67,7 +71,13 @@ pub struct AttentionWorkspace {
 }
 
 impl AttentionWorkspace {
-    fn ensure(&mut self, kernels: &CudaKernels, rows: usize, head_dim: usize, splits: usize) -> Result<(), KernelError> {
+    fn ensure(
+        &mut self,
+        kernels: &CudaKernels,
+        rows: usize,
+        head_dim: usize,
+        splits: usize,
+    ) -> Result<(), KernelError> {
         let acc_len = (rows * head_dim * splits).max(1);
         let ml_len = (rows * 2 * splits).max(1);
         if self.acc.as_ref().is_none_or(|a| a.len() < acc_len) {
@@ -112,7 +122,9 @@ impl CudaKernels {
         if !ATTENTION_HEAD_DIMS.contains(&d) {
             return Err(KernelError::Unsupported {
                 what: "head_dim",
-                detail: format!("{d}; the CUDA attention kernel is built for {ATTENTION_HEAD_DIMS:?}"),
+                detail: format!(
+                    "{d}; the CUDA attention kernel is built for {ATTENTION_HEAD_DIMS:?}"
+                ),
             });
         }
         check_len("q", q.len(), stats.num_tokens * h * d)?;
@@ -150,7 +162,11 @@ impl CudaKernels {
         let name = format!("paged_attention_{}_d{d}", T::NAME);
         let f = self.function(&name)?;
         let cfg = LaunchConfig {
-            grid_dim: (q_tiles as u32, num_splits as u32, (stats.num_seqs * kvh) as u32),
+            grid_dim: (
+                q_tiles as u32,
+                num_splits as u32,
+                (stats.num_seqs * kvh) as u32,
+            ),
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -195,7 +211,12 @@ impl CudaKernels {
             };
             let (rows_i, splits_i) = (to_i32("rows", rows)?, ints[6]);
             let mut launch = self.stream.launch_builder(f);
-            launch.arg(&*acc).arg(&*ml).arg(out).arg(&rows_i).arg(&splits_i);
+            launch
+                .arg(&*acc)
+                .arg(&*ml)
+                .arg(out)
+                .arg(&rows_i)
+                .arg(&splits_i);
             // SAFETY: matches paged_attention_combine_* in attention.cu; the workspace holds
             // num_splits × rows partial rows, written by the launch above.
             unsafe { launch.launch(cfg) }?;

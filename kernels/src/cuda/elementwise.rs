@@ -61,7 +61,13 @@ impl CudaKernels {
         let f = self.function(&format!("kv_scatter_{}", T::NAME))?;
         let row = to_i32("row_elems", row_elems)?;
         let mut launch = self.stream.launch_builder(f);
-        launch.arg(k_block).arg(v_block).arg(k_pages).arg(v_pages).arg(slots).arg(&row);
+        launch
+            .arg(k_block)
+            .arg(v_block)
+            .arg(k_pages)
+            .arg(v_pages)
+            .arg(slots)
+            .arg(&row);
         // SAFETY: matches kv_scatter_* in kv_scatter.cu; block lengths checked above.
         unsafe { launch.launch(rows_cfg(slots.len())) }?;
         Ok(())
@@ -82,12 +88,22 @@ impl CudaKernels {
         check_len("residual", residual.len(), x.len())?;
         check_len("out", out.len(), x.len())?;
         if hidden == 0 || x.len() % hidden != 0 {
-            return Err(KernelError::Length { field: "x", actual: x.len(), expected: hidden });
+            return Err(KernelError::Length {
+                field: "x",
+                actual: x.len(),
+                expected: hidden,
+            });
         }
         let f = self.function(&format!("residual_rmsnorm_{}", T::NAME))?;
         let h = to_i32("hidden", hidden)?;
         let mut launch = self.stream.launch_builder(f);
-        launch.arg(x).arg(residual).arg(weight).arg(out).arg(&h).arg(&eps);
+        launch
+            .arg(x)
+            .arg(residual)
+            .arg(weight)
+            .arg(out)
+            .arg(&h)
+            .arg(&eps);
         // SAFETY: matches residual_rmsnorm_* in rmsnorm.cu; all four buffers hold rows × hidden.
         unsafe { launch.launch(rows_cfg(x.len() / hidden)) }?;
         Ok(())

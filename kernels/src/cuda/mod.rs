@@ -54,7 +54,11 @@ impl CudaKernels {
         let num_sms = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as usize;
-        Ok(Self { stream, functions, num_sms })
+        Ok(Self {
+            stream,
+            functions,
+            num_sms,
+        })
     }
 
     /// Device 0 with its default stream.

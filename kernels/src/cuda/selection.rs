@@ -39,7 +39,11 @@ impl CudaKernels {
         outputs: &mut SelectionOutputs,
     ) -> Result<(), KernelError> {
         if vocab == 0 || logits.len() % vocab != 0 {
-            return Err(KernelError::Length { field: "logits", actual: logits.len(), expected: vocab });
+            return Err(KernelError::Length {
+                field: "logits",
+                actual: logits.len(),
+                expected: vocab,
+            });
         }
         if !(temperature >= 0.0 && temperature.is_finite()) {
             return Err(KernelError::Unsupported {
@@ -49,16 +53,29 @@ impl CudaKernels {
         }
         let rows = logits.len() / vocab;
         if outputs.tokens.len() < rows {
-            return Err(KernelError::Length { field: "outputs.tokens", actual: outputs.tokens.len(), expected: rows });
+            return Err(KernelError::Length {
+                field: "outputs.tokens",
+                actual: outputs.tokens.len(),
+                expected: rows,
+            });
         }
         if rows == 0 {
             return Ok(());
         }
         let f = self.function(&format!("row_confidence_{}", T::NAME))?;
         let v = to_i32("vocab", vocab)?;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut launch = self.stream.launch_builder(f);
-        launch.arg(logits).arg(&v).arg(&temperature).arg(&mut outputs.tokens).arg(&mut outputs.confidence);
+        launch
+            .arg(logits)
+            .arg(&v)
+            .arg(&temperature)
+            .arg(&mut outputs.tokens)
+            .arg(&mut outputs.confidence);
         // SAFETY: matches row_confidence_* in confidence.cu; outputs hold at least `rows`.
         unsafe { launch.launch(cfg) }?;
         Ok(())
@@ -94,7 +111,11 @@ impl CudaKernels {
         let starts = s.clone_htod(block_starts)?;
         let mins = s.clone_htod(min_unmask)?;
         let f = self.function("select_unmask")?;
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (SELECT_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (SELECT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut launch = s.launch_builder(f);
         launch
             .arg(&outputs.confidence)

@@ -41,7 +41,10 @@ pub fn paged_attention<T: Element>(
         let key_at = |t: usize| -> (bool, usize) {
             if t < ctx {
                 let page = table[t / shape.page_size] as usize;
-                (true, (page * shape.page_size + t % shape.page_size) * kvh * d)
+                (
+                    true,
+                    (page * shape.page_size + t % shape.page_size) * kvh * d,
+                )
             } else {
                 (false, (q0 + t - ctx) * kvh * d)
             }
@@ -57,7 +60,11 @@ pub fn paged_attention<T: Element>(
                 for t in 0..keys {
                     let (paged, off) = key_at(t);
                     let krow = &(if paged { k_pages } else { k_new })[off + kv * d..][..d];
-                    let dot: f32 = qrow.iter().zip(krow).map(|(a, b)| a.to_f32() * b.to_f32()).sum();
+                    let dot: f32 = qrow
+                        .iter()
+                        .zip(krow)
+                        .map(|(a, b)| a.to_f32() * b.to_f32())
+                        .sum();
                     let sc = dot * scale;
                     max = max.max(sc);
                     scores.push(sc);

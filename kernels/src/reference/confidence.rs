@@ -17,7 +17,11 @@ pub fn row_confidence<T: Element>(
     temperature: f32,
 ) -> Result<Vec<RowConfidence>, KernelError> {
     if vocab == 0 || logits.len() % vocab != 0 {
-        return Err(KernelError::Length { field: "logits", actual: logits.len(), expected: vocab.max(1) * (logits.len() / vocab.max(1)) });
+        return Err(KernelError::Length {
+            field: "logits",
+            actual: logits.len(),
+            expected: vocab.max(1) * (logits.len() / vocab.max(1)),
+        });
     }
     if !(temperature >= 0.0 && temperature.is_finite()) {
         return Err(KernelError::Unsupported {
@@ -25,7 +29,11 @@ pub fn row_confidence<T: Element>(
             detail: format!("{temperature}; it must be a finite number >= 0"),
         });
     }
-    let inv_t = if temperature > 0.0 { 1.0 / temperature } else { 1.0 };
+    let inv_t = if temperature > 0.0 {
+        1.0 / temperature
+    } else {
+        1.0
+    };
     Ok(logits
         .chunks(vocab)
         .map(|row| {
@@ -37,8 +45,16 @@ pub fn row_confidence<T: Element>(
                     best = i;
                 }
             }
-            let sum: f32 = row.iter().map(|x| (x.to_f32() * inv_t - max).exp()).sum();
-            RowConfidence { token: best as i32, confidence: 1.0 / sum }
+            // f64: a 152k-term f32 running sum drifts by ~1e-4 relative, more than the CUDA
+            // kernel's tree of partial sums does, and the reference must be the accurate one.
+            let sum: f64 = row
+                .iter()
+                .map(|x| ((x.to_f32() * inv_t - max) as f64).exp())
+                .sum();
+            RowConfidence {
+                token: best as i32,
+                confidence: (1.0 / sum) as f32,
+            }
         })
         .collect())
 }
@@ -55,7 +71,11 @@ pub fn select_unmask(
     threshold: f32,
 ) -> Result<Vec<bool>, KernelError> {
     check_len("masked", masked.len(), confidence.len())?;
-    check_len("min_unmask", min_unmask.len(), block_starts.len().saturating_sub(1))?;
+    check_len(
+        "min_unmask",
+        min_unmask.len(),
+        block_starts.len().saturating_sub(1),
+    )?;
     let mut unmask = vec![false; confidence.len()];
     for (b, w) in block_starts.windows(2).enumerate() {
         let (begin, end) = (w[0], w[1]);

@@ -15,9 +15,17 @@ pub fn residual_rmsnorm<T: Element>(
     check_len("residual", residual.len(), x.len())?;
     check_len("out", out.len(), x.len())?;
     if hidden == 0 || x.len() % hidden != 0 {
-        return Err(KernelError::Length { field: "x", actual: x.len(), expected: hidden.max(1) * (x.len() / hidden.max(1)) });
+        return Err(KernelError::Length {
+            field: "x",
+            actual: x.len(),
+            expected: hidden.max(1) * (x.len() / hidden.max(1)),
+        });
     }
-    for ((xr, rr), or) in x.chunks(hidden).zip(residual.chunks_mut(hidden)).zip(out.chunks_mut(hidden)) {
+    for ((xr, rr), or) in x
+        .chunks(hidden)
+        .zip(residual.chunks_mut(hidden))
+        .zip(out.chunks_mut(hidden))
+    {
         let mut sumsq = 0f32;
         for (xv, rv) in xr.iter().zip(rr.iter_mut()) {
             *rv = T::from_f32(xv.to_f32() + rv.to_f32());

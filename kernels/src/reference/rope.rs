@@ -29,7 +29,12 @@ impl RopeTable {
                 sin.push(angle.sin());
             }
         }
-        Self { head_dim, max_position, cos, sin }
+        Self {
+            head_dim,
+            max_position,
+            cos,
+            sin,
+        }
     }
 }
 

@@ -17,7 +17,9 @@ pub fn rng(test: &str) -> StdRng {
 }
 
 pub fn random_vec<T: Element>(rng: &mut StdRng, n: usize, scale: f32) -> Vec<T> {
-    (0..n).map(|_| T::from_f32(rng.random_range(-scale..scale))).collect()
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(-scale..scale)))
+        .collect()
 }
 
 /// One sequence of a batch: committed tokens in the cache, new tokens, the mask block size.
@@ -29,7 +31,11 @@ pub struct Seq {
 }
 
 pub const fn seq(context: usize, query: usize, query_block: usize) -> Seq {
-    Seq { context, query, query_block }
+    Seq {
+        context,
+        query,
+        query_block,
+    }
 }
 
 /// A ragged attention batch with its cache pages laid out in a shuffled order.
@@ -104,8 +110,15 @@ impl<T: Element> AttentionCase<T> {
     pub fn reference(&self) -> Vec<T> {
         let mut out = vec![T::default(); self.q.len()];
         sdlm_kernels::reference::paged_attention(
-            &self.shape, &self.batch(), &self.q, &self.k_new, &self.v_new, &self.k_pages,
-            &self.v_pages, self.scale, &mut out,
+            &self.shape,
+            &self.batch(),
+            &self.q,
+            &self.k_new,
+            &self.v_new,
+            &self.k_pages,
+            &self.v_pages,
+            self.scale,
+            &mut out,
         )
         .expect("valid case");
         out
