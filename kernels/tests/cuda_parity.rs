@@ -10,7 +10,8 @@ use common::{rel_err, seq, AttentionCase, Seq};
 use half::{bf16, f16};
 use rand::Rng;
 use sdlm_kernels::cuda::{
-    AttentionWorkspace, CudaElement, CudaKernels, DeviceRaggedBatch, SelectionOutputs, SplitPolicy,
+    AttentionKernel, AttentionOptions, AttentionWorkspace, CudaElement, CudaKernels,
+    DeviceRaggedBatch, SelectionOutputs, SplitPolicy,
 };
 use sdlm_kernels::reference::{self, RopeTable};
 use sdlm_kernels::AttentionShape;
@@ -62,9 +63,13 @@ const MIXED: &[Seq] = &[
     seq(0, 16, 16),
 ];
 
-fn attention_parity<T: CudaElement>(shape: AttentionShape, seqs: &[Seq], splits: SplitPolicy) {
+fn attention_parity<T: CudaElement>(
+    shape: AttentionShape,
+    seqs: &[Seq],
+    options: AttentionOptions,
+) {
     let k = kernels();
-    let mut rng = common::rng(&format!("attention {} {shape:?} {splits:?}", T::NAME));
+    let mut rng = common::rng(&format!("attention {} {shape:?} {options:?}", T::NAME));
     let case = AttentionCase::<T>::random(&mut rng, shape, seqs);
     let want = case.reference();
     let s = k.stream();
@@ -82,26 +87,34 @@ fn attention_parity<T: CudaElement>(shape: AttentionShape, seqs: &[Seq], splits:
     for run in 0..2 {
         let mut out = poisoned::<T>(&k, case.q.len());
         k.paged_attention(
-            &batch, &q, &kn, &vn, &kp, &vp, case.scale, &mut out, &mut ws, splits,
+            &batch, &q, &kn, &vn, &kp, &vp, case.scale, &mut out, &mut ws, options,
         )
         .unwrap();
         let got = s.clone_dtoh(&out).unwrap();
         let err = rel_err(&got, &want);
         assert!(
             err <= tolerance::<T>(),
-            "{} {shape:?} {splits:?} run {run}: relative error {err}",
+            "{} {shape:?} {options:?} run {run}: relative error {err}",
             T::NAME
         );
     }
 }
 
+/// Every split policy, on each kernel that takes T (tensor cores need bf16/f16).
 fn attention_all_splits<T: CudaElement>(shape: AttentionShape, seqs: &[Seq]) {
-    for splits in [
-        SplitPolicy::Auto,
-        SplitPolicy::Fixed(1),
-        SplitPolicy::Fixed(3),
-    ] {
-        attention_parity::<T>(shape, seqs, splits);
+    let kernels: &[AttentionKernel] = if std::mem::size_of::<T>() == 4 {
+        &[AttentionKernel::CudaCores]
+    } else {
+        &[AttentionKernel::TensorCores, AttentionKernel::CudaCores]
+    };
+    for &kernel in kernels {
+        for splits in [
+            SplitPolicy::Auto,
+            SplitPolicy::Fixed(1),
+            SplitPolicy::Fixed(3),
+        ] {
+            attention_parity::<T>(shape, seqs, AttentionOptions { splits, kernel });
+        }
     }
 }
 

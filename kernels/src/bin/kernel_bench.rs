@@ -9,7 +9,8 @@ use std::sync::Arc;
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
 use half::bf16;
 use sdlm_kernels::cuda::{
-    AttentionWorkspace, CudaElement, CudaKernels, DeviceRaggedBatch, SelectionOutputs, SplitPolicy,
+    AttentionKernel, AttentionOptions, AttentionWorkspace, CudaElement, CudaKernels,
+    DeviceRaggedBatch, SelectionOutputs, SplitPolicy,
 };
 use sdlm_kernels::reference::RopeTable;
 use sdlm_kernels::{AttentionShape, Element, KernelError, RaggedBatch};
@@ -144,7 +145,12 @@ struct AttentionBench<'a> {
     query: usize,
 }
 
-fn attention<T: CudaElement>(k: &CudaKernels, b: &AttentionBench, iters: usize) -> Res<Row> {
+fn attention<T: CudaElement>(
+    k: &CudaKernels,
+    b: &AttentionBench,
+    kernel: AttentionKernel,
+    iters: usize,
+) -> Res<Row> {
     let sh = b.shape;
     let pages_per_seq = b.context.div_ceil(sh.page_size);
     let num_pages = pages_per_seq * b.batch;
@@ -185,7 +191,10 @@ fn attention<T: CudaElement>(k: &CudaKernels, b: &AttentionBench, iters: usize) 
             scale,
             &mut out,
             &mut ws,
-            SplitPolicy::Auto,
+            AttentionOptions {
+                splits: SplitPolicy::Auto,
+                kernel,
+            },
         )
     })?;
     let e = std::mem::size_of::<T>() as f64;
@@ -194,7 +203,12 @@ fn attention<T: CudaElement>(k: &CudaKernels, b: &AttentionBench, iters: usize) 
     let flops = 4.0 * tokens as f64 * h as f64 * keys * d as f64;
     Ok(Row {
         name: format!(
-            "attention {} {} b{} ctx{} q{} h{}/{} d{}",
+            "attention {} {} {} b{} ctx{} q{} h{}/{} d{}",
+            match kernel {
+                AttentionKernel::TensorCores => "tc",
+                AttentionKernel::CudaCores => "cc",
+                AttentionKernel::Auto => "auto",
+            },
             T::NAME,
             b.label,
             b.batch,
@@ -383,10 +397,20 @@ fn main() -> Res<()> {
         },
     ];
     let mut rows = Vec::new();
+    let mut speedups = Vec::new();
     for c in &cases {
-        rows.push(attention::<bf16>(&k, c, iters)?);
+        let tc = attention::<bf16>(&k, c, AttentionKernel::TensorCores, iters)?;
+        let cc = attention::<bf16>(&k, c, AttentionKernel::CudaCores, iters)?;
+        speedups.push(format!("{:.2}x  {}", cc.ms / tc.ms, tc.name));
+        rows.push(tc);
+        rows.push(cc);
     }
-    rows.push(attention::<f32>(&k, &cases[0], iters)?);
+    rows.push(attention::<f32>(
+        &k,
+        &cases[0],
+        AttentionKernel::CudaCores,
+        iters,
+    )?);
     rows.push(rmsnorm(&k, iters)?);
     rows.push(rope(&k, iters)?);
     rows.push(kv_scatter(&k, iters)?);
@@ -394,5 +418,9 @@ fn main() -> Res<()> {
     rows.push(confidence::<f32>(&k, iters)?);
     rows.push(select(&k, iters)?);
     print_table(&rows, &ceilings);
+    println!("tensor-core kernel speed-up over the CUDA-core kernel (same run, same inputs):");
+    for line in &speedups {
+        println!("  {line}");
+    }
     Ok(())
 }

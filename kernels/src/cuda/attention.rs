@@ -6,11 +6,46 @@ use super::{to_i32, CudaElement, CudaKernels, ATTENTION_HEAD_DIMS};
 use crate::error::check_len;
 use crate::{AttentionShape, BatchStats, KernelError, RaggedBatch};
 
-/// Must match THREADS and DIMS_PER_LANE in attention.cu.
-const THREADS: usize = 256;
-const DIMS_PER_LANE: usize = 32;
-/// CTAs of the attention kernel that fit on one SM (`__launch_bounds__(THREADS, 2)`).
-const CTAS_PER_SM: usize = 2;
+/// Which implementation of the attention kernel runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// Tensor cores for bf16/f16, CUDA cores for f32.
+    #[default]
+    Auto,
+    /// `attention.cu`: f32 arithmetic on CUDA cores, any dtype (the baseline).
+    CudaCores,
+    /// `attention_tc.cu`: mma.sync on tensor cores, bf16/f16 only.
+    TensorCores,
+}
+
+impl AttentionKernel {
+    /// (threads, query rows per CTA, CTAs per SM), matching THREADS / ROWS and the occupancy
+    /// of each .cu file.
+    fn geometry(self, head_dim: usize) -> (u32, usize, usize) {
+        match self {
+            // D/32 lanes per row; __launch_bounds__(256, 2)
+            AttentionKernel::CudaCores | AttentionKernel::Auto => (256, 256 / (head_dim / 32), 2),
+            // 4 warps of 16 rows; 140-170 registers a thread leave room for 3 CTAs
+            AttentionKernel::TensorCores => (128, 64, 3),
+        }
+    }
+
+    /// Keys per shared-memory tile (KEYS in the .cu file); splits are whole tiles.
+    fn keys_per_tile(self, head_dim: usize) -> usize {
+        match self {
+            AttentionKernel::TensorCores if head_dim <= 64 => 64,
+            AttentionKernel::TensorCores => 32,
+            _ => 4096 / head_dim,
+        }
+    }
+}
+
+/// How a launch is divided; the defaults suit serving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttentionOptions {
+    pub splits: SplitPolicy,
+    pub kernel: AttentionKernel,
+}
 
 /// The index arrays of a [`RaggedBatch`], validated on the host and copied to the device.
 pub struct DeviceRaggedBatch {
@@ -55,9 +90,10 @@ impl DeviceRaggedBatch {
 }
 
 /// How the keys of one sequence are divided among CTAs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SplitPolicy {
     /// Enough splits to give every SM work (flash-decoding).
+    #[default]
     Auto,
     /// Exactly this many (clamped to the number of key tiles); 1 writes the output directly.
     Fixed(usize),
@@ -90,16 +126,6 @@ impl AttentionWorkspace {
     }
 }
 
-/// Keys per shared-memory tile for a head dim (KEYS in attention.cu).
-fn keys_per_tile(head_dim: usize) -> usize {
-    4096 / head_dim
-}
-
-/// Query rows one CTA holds (ROWS in attention.cu).
-fn rows_per_cta(head_dim: usize) -> usize {
-    THREADS / (head_dim / DIMS_PER_LANE)
-}
-
 impl CudaKernels {
     /// See [`crate::reference::paged_attention`]; `out` is `[tokens, num_heads, head_dim]`.
     #[allow(clippy::too_many_arguments)]
@@ -114,7 +140,7 @@ impl CudaKernels {
         scale: f32,
         out: &mut CudaSlice<T>,
         workspace: &mut AttentionWorkspace,
-        splits: SplitPolicy,
+        options: AttentionOptions,
     ) -> Result<(), KernelError> {
         let shape = batch.shape;
         let stats = batch.stats;
@@ -140,13 +166,26 @@ impl CudaKernels {
             });
         }
 
-        let tile = keys_per_tile(d);
+        let is_f32 = std::mem::size_of::<T>() == 4;
+        let kernel = match options.kernel {
+            AttentionKernel::Auto if is_f32 => AttentionKernel::CudaCores,
+            AttentionKernel::Auto => AttentionKernel::TensorCores,
+            AttentionKernel::TensorCores if is_f32 => {
+                return Err(KernelError::Unsupported {
+                    what: "dtype",
+                    detail: "the tensor-core attention kernel takes bf16 or f16, not f32".into(),
+                })
+            }
+            k => k,
+        };
+        let (threads, rows_per_cta, ctas_per_sm) = kernel.geometry(d);
+        let tile = kernel.keys_per_tile(d);
         let key_tiles = stats.max_keys.div_ceil(tile);
-        let q_tiles = (stats.max_query_len * shape.group()).div_ceil(rows_per_cta(d));
+        let q_tiles = (stats.max_query_len * shape.group()).div_ceil(rows_per_cta);
         let base_ctas = stats.num_seqs * kvh * q_tiles;
-        let wanted = match splits {
+        let wanted = match options.splits {
             SplitPolicy::Fixed(n) => n.max(1),
-            SplitPolicy::Auto => (CTAS_PER_SM * self.num_sms).div_ceil(base_ctas.max(1)),
+            SplitPolicy::Auto => (ctas_per_sm * self.num_sms).div_ceil(base_ctas.max(1)),
         };
         let tiles_per_split = key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)));
         let keys_per_split = tiles_per_split * tile;
@@ -159,7 +198,10 @@ impl CudaKernels {
             _ => unreachable!("ensure allocates both"),
         };
 
-        let name = format!("paged_attention_{}_d{d}", T::NAME);
+        let name = match kernel {
+            AttentionKernel::TensorCores => format!("paged_attention_tc_{}_d{d}", T::NAME),
+            _ => format!("paged_attention_{}_d{d}", T::NAME),
+        };
         let f = self.function(&name)?;
         let cfg = LaunchConfig {
             grid_dim: (
@@ -167,7 +209,7 @@ impl CudaKernels {
                 num_splits as u32,
                 (stats.num_seqs * kvh) as u32,
             ),
-            block_dim: (THREADS as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let ints = [
@@ -197,7 +239,8 @@ impl CudaKernels {
             launch.arg(v);
         }
         launch.arg(&scale);
-        // SAFETY: argument order and types match paged_attention_* in attention.cu; lengths and
+        // SAFETY: argument order and types match paged_attention_* in attention.cu and
+        // attention_tc.cu (one signature); lengths and
         // every index the kernel follows were checked above and in DeviceRaggedBatch::upload.
         unsafe { launch.launch(cfg) }?;
 

@@ -14,7 +14,9 @@ use cudarc::nvrtc::Ptx;
 
 use crate::{Element, KernelError};
 
-pub use attention::{AttentionWorkspace, DeviceRaggedBatch, SplitPolicy};
+pub use attention::{
+    AttentionKernel, AttentionOptions, AttentionWorkspace, DeviceRaggedBatch, SplitPolicy,
+};
 pub use elementwise::DeviceRopeTable;
 pub use selection::SelectionOutputs;
 
@@ -94,6 +96,14 @@ fn function_names(module: &str) -> Vec<String> {
                         format!("paged_attention_combine_{d}_d{hd}"),
                     ]
                 })
+            })
+            .collect(),
+        "attention_tc" => ["bf16", "f16"]
+            .iter()
+            .flat_map(|d| {
+                ATTENTION_HEAD_DIMS
+                    .iter()
+                    .map(move |hd| format!("paged_attention_tc_{d}_d{hd}"))
             })
             .collect(),
         "kv_scatter" => per_dtype("kv_scatter").collect(),
