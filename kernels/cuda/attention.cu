@@ -87,9 +87,10 @@ __device__ void paged_attention_impl(
 
   // Keys this CTA covers: its split, trimmed to what the tile's last token can see.
   const int last_token = (row0 + rows_here - 1) / group;
-  const int visible_new = min(query_len, (last_token / qblock + 1) * qblock);
   const int k_begin = blockIdx.y * keys_per_split;
-  const int k_end = min(ctx + visible_new, k_begin + keys_per_split);
+  const int k_end = min(visible_keys(ctx, query_len, qblock, last_token), k_begin + keys_per_split);
+  const int my_keys = min(k_end, visible_keys(ctx, query_len, qblock, token));
+  const int page_shift = __ffs(page_size) - 1;  // the host checks page_size is a power of two
 
   float4 qv[S::CHUNKS], acc[S::CHUNKS];
   {
@@ -118,8 +119,8 @@ __device__ void paged_attention_impl(
         size_t base;
         const T *ksrc, *vsrc;
         if (t < ctx) {
-          const int page = block_tables[(size_t)seq * max_pages_per_seq + t / page_size];
-          base = (((size_t)page * page_size + t % page_size) * num_kv_heads + kvh) * D;
+          const int page = block_tables[(size_t)seq * max_pages_per_seq + (t >> page_shift)];
+          base = (((size_t)page * page_size + (t & (page_size - 1))) * num_kv_heads + kvh) * D;
           ksrc = k_pages;
           vsrc = v_pages;
         } else {
@@ -164,8 +165,7 @@ __device__ void paged_attention_impl(
         }
         dot = row_sum<S::LANES>(dot);
         const int t = t0 + kl;
-        const bool visible = active && kl < keys_tile &&
-                             (t < ctx || (t - ctx) / qblock <= token / qblock);
+        const bool visible = active && kl < keys_tile && t < my_keys;
         s[jj] = visible ? dot : -INFINITY;
         chunk_max = fmaxf(chunk_max, s[jj]);
       }

@@ -129,9 +129,13 @@ __device__ void paged_attention_tc_impl(
   }
 
   const int last_token = (row0 + rows_here - 1) / group;
-  const int visible_new = min(query_len, (last_token / qblock + 1) * qblock);
   const int k_begin = blockIdx.y * keys_per_split;
-  const int k_end = min(ctx + visible_new, k_begin + keys_per_split);
+  const int k_end = min(visible_keys(ctx, query_len, qblock, last_token), k_begin + keys_per_split);
+  const int page_shift = __ffs(page_size) - 1;  // the host checks page_size is a power of two
+  // Keys each of this thread's rows sees (0 for padding rows): a prefix, so one compare masks.
+  int my_keys[2];
+  for (int h = 0; h < 2; ++h)
+    my_keys[h] = valid[h] ? min(k_end, visible_keys(ctx, query_len, qblock, token[h])) : 0;
   const int tiles = k_end > k_begin ? (k_end - k_begin + S::KEYS - 1) / S::KEYS : 0;
 
   // Q as mma A fragments, loaded once.
@@ -158,8 +162,8 @@ __device__ void paged_attention_tc_impl(
       const T* ksrc = k_pages;
       const T* vsrc = v_pages;
       if (in && t < ctx) {
-        const int page = block_tables[(size_t)seq * max_pages_per_seq + t / page_size];
-        base = (((size_t)page * page_size + t % page_size) * num_kv_heads + kvh) * D;
+        const int page = block_tables[(size_t)seq * max_pages_per_seq + (t >> page_shift)];
+        base = (((size_t)page * page_size + (t & (page_size - 1))) * num_kv_heads + kvh) * D;
       } else if (in) {
         base = ((size_t)(q0 + t - ctx) * num_kv_heads + kvh) * D;
         ksrc = k_new;
@@ -208,9 +212,7 @@ __device__ void paged_attention_tc_impl(
           for (int e = 0; e < 4; ++e) {
             const int h = e >> 1;
             const int t = t0 + key_off + nb * 8 + tig * 2 + (e & 1);
-            const bool vis = valid[h] && t < k_end &&
-                             (t < ctx || (t - ctx) / qblock <= token[h] / qblock);
-            s[nb][e] = vis ? s[nb][e] * scale_log2 : -INFINITY;
+            s[nb][e] = t < my_keys[h] ? s[nb][e] * scale_log2 : -INFINITY;
           }
         }
       }

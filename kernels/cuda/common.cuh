@@ -37,3 +37,11 @@ __device__ __forceinline__ void load16_f32(const T* __restrict__ src, float* dst
   M(float, f32)                \
   M(__nv_bfloat16, bf16)       \
   M(__half, f16)
+
+// The one mask rule of attention. A sequence has `ctx` committed keys and `query_len` new ones;
+// new token i sees new token j iff j / qblock <= i / qblock. So token i sees a prefix of the
+// sequence's keys, [0, visible_keys(...)): every committed key, then the new keys up to the end
+// of its own query block.
+__device__ __forceinline__ int visible_keys(int ctx, int query_len, int qblock, int token) {
+  return ctx + min(query_len, (token / qblock + 1) * qblock);
+}

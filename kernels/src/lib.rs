@@ -10,6 +10,7 @@
 
 mod element;
 mod error;
+mod launch;
 mod layout;
 pub mod reference;
 

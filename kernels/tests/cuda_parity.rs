@@ -156,6 +156,21 @@ fn attention_long_diffusion_batch<T: CudaElement>() {
 }
 per_dtype!(attention_long_batch, attention_long_diffusion_batch);
 
+#[test]
+fn attention_refuses_a_page_size_that_is_not_a_power_of_two() {
+    let k = kernels();
+    let mut rng = common::rng("page size");
+    let shape = AttentionShape {
+        page_size: 12,
+        ..SMOLLM2
+    };
+    let case = AttentionCase::<f32>::random(&mut rng, shape, &[seq(30, 4, 4)]);
+    let err = DeviceRaggedBatch::upload(&k, &shape, &case.batch(), case.num_pages)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("page_size"), "{err}");
+}
+
 fn kv_scatter_parity<T: CudaElement>() {
     let k = kernels();
     let mut rng = common::rng(&format!("kv_scatter {}", T::NAME));

@@ -4,6 +4,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{to_i32, CudaElement, CudaKernels, ATTENTION_HEAD_DIMS};
 use crate::error::check_len;
+use crate::launch::auto_splits;
 use crate::{AttentionShape, BatchStats, KernelError, RaggedBatch};
 
 /// Which implementation of the attention kernel runs.
@@ -66,6 +67,15 @@ impl DeviceRaggedBatch {
         num_pages: usize,
     ) -> Result<Self, KernelError> {
         let stats = batch.validate(shape, num_pages)?;
+        if !shape.page_size.is_power_of_two() {
+            return Err(KernelError::Unsupported {
+                what: "page_size",
+                detail: format!(
+                    "{}; the CUDA kernels index pages with shifts, so it must be a power of two",
+                    shape.page_size
+                ),
+            });
+        }
         let s = &kernels.stream;
         // An empty block table still needs a valid device pointer.
         let tables: &[i32] = if batch.block_tables.is_empty() {
@@ -185,7 +195,7 @@ impl CudaKernels {
         let base_ctas = stats.num_seqs * kvh * q_tiles;
         let wanted = match options.splits {
             SplitPolicy::Fixed(n) => n.max(1),
-            SplitPolicy::Auto => (ctas_per_sm * self.num_sms).div_ceil(base_ctas.max(1)),
+            SplitPolicy::Auto => auto_splits(base_ctas, ctas_per_sm * self.num_sms, key_tiles),
         };
         let tiles_per_split = key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)));
         let keys_per_split = tiles_per_split * tile;
