@@ -4,7 +4,8 @@
 //
 // A warp owns 16 query rows (rows = tokens x the query heads of one kv head, so grouped heads
 // share every K/V load) and computes S = Q K^T and O += P V with mma. K/V tiles stream through
-// shared memory with cp.async, two stages deep, so the next tile loads while this one computes.
+// shared memory with cp.async, STAGES deep: three tiles are in flight while one computes, which
+// is what a memory-bound AR step needs to keep enough bytes moving per SM.
 // When a CTA has fewer rows than warps x 16 (AR decoding), warps split each tile's keys and merge
 // at the end. P is split into bf16/f16 hi + lo parts for the P V product (two mmas), so rounding
 // P costs no accuracy: the result matches the f32 reference to f32 rounding, not to bf16's.
@@ -16,10 +17,13 @@ constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 constexpr int ROWS = WARPS * 16;  // query rows per CTA
 constexpr float LOG2E = 1.4426950408889634f;
+// Tiles in flight per CTA. The host sizes dynamic shared memory to match (tc_smem_bytes in
+// src/cuda/attention.rs): STAGES x 2 (K, V) x KEYS x (D + 8) elements.
+constexpr int STAGES = 4;
 
 template <int D>
 struct Shape {
-  static constexpr int KEYS = D <= 64 ? 64 : 32;  // keys per tile: 2 stages x (K+V) stay < 48 KiB
+  static constexpr int KEYS = D <= 64 ? 64 : 32;  // keys per tile: 16 KiB of bf16 K+V
   static constexpr int STRIDE = D + 8;  // +16 bytes per smem row: fragment loads hit 32 banks
   static constexpr int KSTEPS = D / 16;
   static constexpr int DBLOCKS = D / 8;
@@ -89,11 +93,12 @@ __device__ void paged_attention_tc_impl(
     int num_tokens, int num_heads, int num_kv_heads, int page_size, int max_pages_per_seq,
     int keys_per_split, int num_splits, float scale) {
   using S = Shape<D>;
-  // [stage][K, V][KEYS x STRIDE]; reused as the f32 merge buffer at the end.
-  __shared__ __align__(16) T kv[2 * 2 * S::TILE];
+  // [stage][K, V][KEYS x STRIDE] (dynamic); reused as the f32 merge buffer at the end.
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* kv = reinterpret_cast<T*>(smem_raw);
   __shared__ float red_m[WARPS][16];
   __shared__ float red_l[WARPS][16];
-  static_assert(2 * 2 * S::TILE * sizeof(T) >= WARPS * 16 * D * sizeof(float), "merge buffer");
+  static_assert(STAGES * 2 * S::TILE * sizeof(T) >= WARPS * 16 * D * sizeof(float), "merge buffer");
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane >> 2, tig = lane & 3;
@@ -181,16 +186,19 @@ __device__ void paged_attention_tc_impl(
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float scale_log2 = scale * LOG2E;
 
-  if (tiles > 0) load_tile(0, k_begin);
+  // Every iteration commits one group (empty past the last tile), so waiting for all but the
+  // newest STAGES - 1 groups always means: tile `it` has landed.
+  for (int p = 0; p < STAGES - 1; ++p) {
+    if (p < tiles) load_tile(p, k_begin + p * S::KEYS);
+    else cp_async_commit();
+  }
   for (int it = 0; it < tiles; ++it) {
-    const int stage = it & 1;
+    const int stage = it % STAGES;
     const int t0 = k_begin + it * S::KEYS;
-    if (it + 1 < tiles) {
-      load_tile(stage ^ 1, t0 + S::KEYS);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    const int next = it + STAGES - 1;
+    if (next < tiles) load_tile(next % STAGES, k_begin + next * S::KEYS);
+    else cp_async_commit();
+    cp_async_wait<STAGES - 1>();
     __syncthreads();
     if (active) {
       const T* ks = kv + stage * 2 * S::TILE;
@@ -271,8 +279,9 @@ __device__ void paged_attention_tc_impl(
         }
       }
     }
-    __syncthreads();  // this stage is reloaded two iterations on
+    __syncthreads();  // the next iteration reloads the stage computed in this one
   }
+  cp_async_wait<0>();  // only empty groups remain; the merge below reuses the buffer
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

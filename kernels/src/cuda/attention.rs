@@ -19,15 +19,28 @@ pub enum AttentionKernel {
     TensorCores,
 }
 
+/// STAGES in attention_tc.cu: K/V tiles in flight per CTA.
+const TC_STAGES: usize = 4;
+
 impl AttentionKernel {
-    /// (threads, query rows per CTA, CTAs per SM), matching THREADS / ROWS and the occupancy
-    /// of each .cu file.
-    fn geometry(self, head_dim: usize) -> (u32, usize, usize) {
+    /// (threads, query rows per CTA), matching THREADS and ROWS of each .cu file.
+    fn geometry(self, head_dim: usize) -> (u32, usize) {
         match self {
-            // D/32 lanes per row; __launch_bounds__(256, 2)
-            AttentionKernel::CudaCores | AttentionKernel::Auto => (256, 256 / (head_dim / 32), 2),
-            // 4 warps of 16 rows; 140-170 registers a thread leave room for 3 CTAs
-            AttentionKernel::TensorCores => (128, 64, 3),
+            // D/32 lanes per row
+            AttentionKernel::CudaCores | AttentionKernel::Auto => (256, 256 / (head_dim / 32)),
+            // 4 warps of 16 rows
+            AttentionKernel::TensorCores => (128, 64),
+        }
+    }
+
+    /// Dynamic shared memory of one CTA: the tensor-core kernel's K/V stages
+    /// (STAGES x 2 x KEYS x (D + 8) elements); the CUDA-core kernel's is static.
+    pub(crate) fn dynamic_smem_bytes(self, head_dim: usize, elem_bytes: usize) -> usize {
+        match self {
+            AttentionKernel::TensorCores => {
+                TC_STAGES * 2 * self.keys_per_tile(head_dim) * (head_dim + 8) * elem_bytes
+            }
+            _ => 0,
         }
     }
 
@@ -188,7 +201,16 @@ impl CudaKernels {
             }
             k => k,
         };
-        let (threads, rows_per_cta, ctas_per_sm) = kernel.geometry(d);
+        let (threads, rows_per_cta) = kernel.geometry(d);
+        let name = match kernel {
+            AttentionKernel::TensorCores => format!("paged_attention_tc_{}_d{d}", T::NAME),
+            _ => format!("paged_attention_{}_d{d}", T::NAME),
+        };
+        let f = self.function(&name)?;
+        let smem = kernel.dynamic_smem_bytes(d, std::mem::size_of::<T>());
+        let ctas_per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)?
+            .max(1) as usize;
         let tile = kernel.keys_per_tile(d);
         let key_tiles = stats.max_keys.div_ceil(tile);
         let q_tiles = (stats.max_query_len * shape.group()).div_ceil(rows_per_cta);
@@ -208,11 +230,6 @@ impl CudaKernels {
             _ => unreachable!("ensure allocates both"),
         };
 
-        let name = match kernel {
-            AttentionKernel::TensorCores => format!("paged_attention_tc_{}_d{d}", T::NAME),
-            _ => format!("paged_attention_{}_d{d}", T::NAME),
-        };
-        let f = self.function(&name)?;
         let cfg = LaunchConfig {
             grid_dim: (
                 q_tiles as u32,
@@ -220,7 +237,7 @@ impl CudaKernels {
                 (stats.num_seqs * kvh) as u32,
             ),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         let ints = [
             to_i32("tokens", stats.num_tokens)?,

@@ -53,6 +53,21 @@ impl CudaKernels {
                 functions.insert(name.clone(), module.load_function(&name)?);
             }
         }
+        // The tensor-core attention kernel takes more than the default 48 KiB of shared memory.
+        for (name, f) in &functions {
+            if let Some(rest) = name.strip_prefix("paged_attention_tc_") {
+                let d: usize = rest
+                    .rsplit("_d")
+                    .next()
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(128);
+                let bytes = AttentionKernel::TensorCores.dynamic_smem_bytes(d, 2);
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )?;
+            }
+        }
         let num_sms = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as usize;
