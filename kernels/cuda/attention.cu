@@ -12,9 +12,9 @@
 // split of the keys. Keys stream through shared memory in tiles, widened to f32; each query row is
 // held by LANES threads (32 dims each) with an online softmax in f32. When a tile has few rows
 // (AR decoding), the idle threads take every ksplit-th key instead and the CTA merges them at the
-// end. When a sequence has few CTAs for the machine, the host splits the keys and
-// `paged_attention_combine` merges the partial results.
-#include "common.cuh"
+// end. When a sequence has few CTAs for the machine, the host splits the keys and the last CTA
+// of each row tile merges the partial results (split_merge.cuh).
+#include "split_merge.cuh"
 
 namespace {
 
@@ -53,7 +53,7 @@ __device__ void paged_attention_impl(
     const int* __restrict__ block_tables, const int* __restrict__ context_lens,
     const int* __restrict__ query_starts, const int* __restrict__ query_blocks,
     T* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,
-    int num_tokens, int num_heads, int num_kv_heads, int page_size, int max_pages_per_seq,
+    int* __restrict__ split_counters, int num_tokens, int num_heads, int num_kv_heads, int page_size, int max_pages_per_seq,
     int keys_per_split, int num_splits, float scale) {
   using S = Shape<D>;
   __shared__ __align__(16) float smem[2 * S::KEYS * D];
@@ -229,10 +229,9 @@ __device__ void paged_attention_impl(
       }
     }
   }
-  if (!active || g != 0) return;
-
   const size_t row_index = (size_t)(q0 + token) * num_heads + head;
-  if (num_splits == 1) {
+  const bool writer = active && g == 0;
+  if (writer && num_splits == 1) {
     const float inv = l > 0.f ? 1.f / l : 0.f;
     T* orow = out + row_index * D;
 #pragma unroll
@@ -243,7 +242,7 @@ __device__ void paged_attention_impl(
       orow[col + 2] = from_f32<T>(acc[c].z * inv);
       orow[col + 3] = from_f32<T>(acc[c].w * inv);
     }
-  } else {
+  } else if (writer) {
     const size_t split_row = (size_t)blockIdx.y * num_tokens * num_heads + row_index;
 #pragma unroll
     for (int c = 0; c < S::CHUNKS; ++c)
@@ -253,27 +252,10 @@ __device__ void paged_attention_impl(
       partial_ml[split_row * 2 + 1] = l;
     }
   }
-}
-
-// Merges the key splits of one (token, head) row: grid = tokens x heads, block = D threads.
-template <typename T, int D>
-__device__ void paged_attention_combine_impl(const float* __restrict__ partial_acc,
-                                             const float* __restrict__ partial_ml,
-                                             T* __restrict__ out, int rows, int num_splits) {
-  const size_t row = blockIdx.x;
-  const int d = threadIdx.x;
-  float m = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) m = fmaxf(m, partial_ml[((size_t)s * rows + row) * 2]);
-  float l = 0.f, o = 0.f;
-  if (m != -INFINITY) {
-    for (int s = 0; s < num_splits; ++s) {
-      const size_t sr = (size_t)s * rows + row;
-      const float w = exp2f(partial_ml[sr * 2] - m);
-      l += partial_ml[sr * 2 + 1] * w;
-      o += partial_acc[sr * D + d] * w;
-    }
-  }
-  out[row * D + d] = from_f32<T>(l > 0.f ? o / l : 0.f);
+  if (num_splits > 1 &&
+      last_split_to_finish(split_counters + blockIdx.z * gridDim.x + blockIdx.x, num_splits))
+    merge_split_rows<T, D>(partial_acc, partial_ml, out, row0, rows_here, group, kvh, q0,
+                           num_heads, num_tokens, num_splits);
 }
 
 }  // namespace
@@ -282,17 +264,14 @@ __device__ void paged_attention_combine_impl(const float* __restrict__ partial_a
   extern "C" __global__ void __launch_bounds__(THREADS, 2) paged_attention_##NAME##_d##D(    \
       const T* q, const T* k_new, const T* v_new, const T* k_pages, const T* v_pages,         \
       const int* block_tables, const int* context_lens, const int* query_starts,              \
-      const int* query_blocks, T* out, float* partial_acc, float* partial_ml, int num_tokens, \
-      int num_heads, int num_kv_heads, int page_size, int max_pages_per_seq,                  \
-      int keys_per_split, int num_splits, float scale) {                                      \
+      const int* query_blocks, T* out, float* partial_acc, float* partial_ml,                 \
+      int* split_counters, int num_tokens, int num_heads, int num_kv_heads, int page_size,    \
+      int max_pages_per_seq, int keys_per_split, int num_splits, float scale) {               \
     paged_attention_impl<T, D>(q, k_new, v_new, k_pages, v_pages, block_tables, context_lens, \
                                query_starts, query_blocks, out, partial_acc, partial_ml,      \
-                               num_tokens, num_heads, num_kv_heads, page_size,                \
-                               max_pages_per_seq, keys_per_split, num_splits, scale);         \
-  }                                                                                           \
-  extern "C" __global__ void paged_attention_combine_##NAME##_d##D(                          \
-      const float* partial_acc, const float* partial_ml, T* out, int rows, int num_splits) {  \
-    paged_attention_combine_impl<T, D>(partial_acc, partial_ml, out, rows, num_splits);       \
+                               split_counters, num_tokens, num_heads, num_kv_heads,           \
+                               page_size, max_pages_per_seq, keys_per_split, num_splits,      \
+                               scale);                                                        \
   }
 
 #define SDLM_ATTENTION_ALL_D(T, NAME) \

@@ -4,12 +4,13 @@
 //
 // A warp owns 16 query rows (rows = tokens x the query heads of one kv head, so grouped heads
 // share every K/V load) and computes S = Q K^T and O += P V with mma. K/V tiles stream through
-// shared memory with cp.async, STAGES deep: three tiles are in flight while one computes, which
-// is what a memory-bound AR step needs to keep enough bytes moving per SM.
+// shared memory with cp.async, STAGES deep, so two tiles load while one computes. (Four stages
+// measured no faster on an H100: the AR case is bound by instruction issue at low occupancy, so
+// the shared memory buys a fourth CTA per SM instead.)
 // When a CTA has fewer rows than warps x 16 (AR decoding), warps split each tile's keys and merge
 // at the end. P is split into bf16/f16 hi + lo parts for the P V product (two mmas), so rounding
 // P costs no accuracy: the result matches the f32 reference to f32 rounding, not to bf16's.
-#include "common.cuh"
+#include "split_merge.cuh"
 
 namespace {
 
@@ -19,7 +20,7 @@ constexpr int ROWS = WARPS * 16;  // query rows per CTA
 constexpr float LOG2E = 1.4426950408889634f;
 // Tiles in flight per CTA. The host sizes dynamic shared memory to match (tc_smem_bytes in
 // src/cuda/attention.rs): STAGES x 2 (K, V) x KEYS x (D + 8) elements.
-constexpr int STAGES = 4;
+constexpr int STAGES = 3;
 
 template <int D>
 struct Shape {
@@ -90,7 +91,7 @@ __device__ void paged_attention_tc_impl(
     const int* __restrict__ block_tables, const int* __restrict__ context_lens,
     const int* __restrict__ query_starts, const int* __restrict__ query_blocks,
     T* __restrict__ out, float* __restrict__ partial_acc, float* __restrict__ partial_ml,
-    int num_tokens, int num_heads, int num_kv_heads, int page_size, int max_pages_per_seq,
+    int* __restrict__ split_counters, int num_tokens, int num_heads, int num_kv_heads, int page_size, int max_pages_per_seq,
     int keys_per_split, int num_splits, float scale) {
   using S = Shape<D>;
   // [stage][K, V][KEYS x STRIDE] (dynamic); reused as the f32 merge buffer at the end.
@@ -156,18 +157,26 @@ __device__ void paged_attention_tc_impl(
     }
   }
 
+  // Each thread copies 16-byte chunks of one column of every (THREADS / (D/8))-th key row.
+  constexpr int VECS_PER_KEY = D / 8;
+  constexpr int KEY_STEP = THREADS / VECS_PER_KEY;
+  static_assert(THREADS % VECS_PER_KEY == 0 && S::KEYS % KEY_STEP == 0, "loader mapping");
+  const int load_col = (tid % VECS_PER_KEY) * 8;
+  const int load_key0 = tid / VECS_PER_KEY;
+  const int* table = block_tables + (size_t)seq * max_pages_per_seq;
   auto load_tile = [&](int stage, int t0) {
     T* ks = kv + stage * 2 * S::TILE;
     T* vs = ks + S::TILE;
-    for (int v = tid; v < S::KEYS * (D / 8); v += THREADS) {
-      const int key = v / (D / 8), col = (v % (D / 8)) * 8;
+#pragma unroll
+    for (int key = load_key0; key < S::KEYS; key += KEY_STEP) {
+      const int col = load_col;
       const int t = t0 + key;
       const bool in = t < k_end;
       size_t base = 0;
       const T* ksrc = k_pages;
       const T* vsrc = v_pages;
       if (in && t < ctx) {
-        const int page = block_tables[(size_t)seq * max_pages_per_seq + (t >> page_shift)];
+        const int page = table[t >> page_shift];
         base = (((size_t)page * page_size + (t & (page_size - 1))) * num_kv_heads + kvh) * D;
       } else if (in) {
         base = ((size_t)(q0 + t - ctx) * num_kv_heads + kvh) * D;
@@ -224,9 +233,11 @@ __device__ void paged_attention_tc_impl(
           }
         }
       }
+      // Loops below skip the S blocks this warp does not own (nb_w is uniform per warp).
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int nb = 0; nb < S::NB; ++nb) {
+        if (nb >= nb_w) break;
         mx[0] = fmaxf(mx[0], fmaxf(s[nb][0], s[nb][1]));
         mx[1] = fmaxf(mx[1], fmaxf(s[nb][2], s[nb][3]));
       }
@@ -248,6 +259,7 @@ __device__ void paged_attention_tc_impl(
       }
 #pragma unroll
       for (int nb = 0; nb < S::NB; ++nb) {
+        if (nb >= nb_w) break;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h = e >> 1;
@@ -332,11 +344,10 @@ __device__ void paged_attention_tc_impl(
       }
     }
   }
-  if (!active || ws != 0) return;
-
+  const bool writer = active && ws == 0;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    if (!valid[h]) continue;
+    if (!writer || !valid[h]) continue;
     const size_t row_index = (size_t)(q0 + token[h]) * num_heads + head[h];
     if (num_splits == 1) {
       const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
@@ -361,20 +372,28 @@ __device__ void paged_attention_tc_impl(
       }
     }
   }
+  if (num_splits > 1 &&
+      last_split_to_finish(split_counters + blockIdx.z * gridDim.x + blockIdx.x, num_splits))
+    merge_split_rows<T, D>(partial_acc, partial_ml, out, row0, rows_here, group, kvh, q0,
+                           num_heads, num_tokens, num_splits);
 }
 
 }  // namespace
 
+// Four CTAs per SM at D = 64 (128 registers, 3 x 18 KiB stages each); D = 128 needs ~170
+// registers and gets three.
 #define SDLM_ATTENTION_TC(T, NAME, D)                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_tc_##NAME##_d##D(     \
+  extern "C" __global__ void __launch_bounds__(THREADS, D <= 64 ? 4 : 3)                     \
+      paged_attention_tc_##NAME##_d##D(                                                        \
       const T* q, const T* k_new, const T* v_new, const T* k_pages, const T* v_pages,          \
       const int* block_tables, const int* context_lens, const int* query_starts,               \
-      const int* query_blocks, T* out, float* partial_acc, float* partial_ml, int num_tokens,  \
-      int num_heads, int num_kv_heads, int page_size, int max_pages_per_seq,                   \
-      int keys_per_split, int num_splits, float scale) {                                       \
+      const int* query_blocks, T* out, float* partial_acc, float* partial_ml,                  \
+      int* split_counters, int num_tokens, int num_heads, int num_kv_heads, int page_size,     \
+      int max_pages_per_seq, int keys_per_split, int num_splits, float scale) {                \
     paged_attention_tc_impl<T, D>(q, k_new, v_new, k_pages, v_pages, block_tables,             \
                                   context_lens, query_starts, query_blocks, out, partial_acc,  \
-                                  partial_ml, num_tokens, num_heads, num_kv_heads, page_size,  \
+                                  partial_ml, split_counters, num_tokens, num_heads,           \
+                                  num_kv_heads, page_size,                                     \
                                   max_pages_per_seq, keys_per_split, num_splits, scale);       \
   }
 

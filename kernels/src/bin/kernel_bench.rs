@@ -21,6 +21,8 @@ struct Args {
     iters: usize,
     matmul_tflops: Option<f64>,
     fp32_tflops: Option<f64>,
+    /// Run only this attention case (index into the case list) on tensor cores: for profilers.
+    profile_case: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -28,6 +30,7 @@ fn parse_args() -> Args {
         iters: 30,
         matmul_tflops: None,
         fp32_tflops: None,
+        profile_case: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -37,8 +40,9 @@ fn parse_args() -> Args {
             "--iters" => a.iters = val.parse().unwrap_or(a.iters),
             "--matmul-tflops" => a.matmul_tflops = val.parse().ok(),
             "--fp32-tflops" => a.fp32_tflops = val.parse().ok(),
+            "--profile-case" => a.profile_case = val.parse().ok(),
             other => {
-                eprintln!("unknown argument {other}; usage: sdlm-kernel-bench [--iters N] [--matmul-tflops X] [--fp32-tflops Y]");
+                eprintln!("unknown argument {other}; usage: sdlm-kernel-bench [--iters N] [--matmul-tflops X] [--fp32-tflops Y] [--profile-case I]");
                 std::process::exit(2);
             }
         }
@@ -397,6 +401,12 @@ fn main() -> Res<()> {
         },
     ];
     let mut rows = Vec::new();
+    if let Some(i) = args.profile_case {
+        let c = cases.get(i).unwrap_or(&cases[0]);
+        let row = attention::<bf16>(&k, c, AttentionKernel::TensorCores, iters)?;
+        print_table(&[row], &ceilings);
+        return Ok(());
+    }
     let mut speedups = Vec::new();
     for c in &cases {
         let tc = attention::<bf16>(&k, c, AttentionKernel::TensorCores, iters)?;

@@ -20,7 +20,7 @@ pub enum AttentionKernel {
 }
 
 /// STAGES in attention_tc.cu: K/V tiles in flight per CTA.
-const TC_STAGES: usize = 4;
+const TC_STAGES: usize = 3;
 
 impl AttentionKernel {
     /// (threads, query rows per CTA), matching THREADS and ROWS of each .cu file.
@@ -122,11 +122,32 @@ pub enum SplitPolicy {
     Fixed(usize),
 }
 
-/// Scratch for split partial results; grows on demand and is reused across calls.
+/// Scratch for split partial results and the per-row-tile counters that elect the CTA which
+/// merges them (split_merge.cuh); grows on demand and is reused across calls. The kernels leave
+/// every counter at zero when they finish.
 #[derive(Default)]
 pub struct AttentionWorkspace {
     acc: Option<CudaSlice<f32>>,
     ml: Option<CudaSlice<f32>>,
+    counters: Option<CudaSlice<i32>>,
+}
+
+/// The workspace buffers for one launch.
+struct SplitBuffers<'a> {
+    acc: &'a mut CudaSlice<f32>,
+    ml: &'a mut CudaSlice<f32>,
+    counters: &'a mut CudaSlice<i32>,
+}
+
+fn grown<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    kernels: &CudaKernels,
+    slot: &mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<(), KernelError> {
+    if slot.as_ref().is_none_or(|a| a.len() < len) {
+        *slot = Some(kernels.stream.alloc_zeros(len.max(1))?);
+    }
+    Ok(())
 }
 
 impl AttentionWorkspace {
@@ -136,16 +157,18 @@ impl AttentionWorkspace {
         rows: usize,
         head_dim: usize,
         splits: usize,
-    ) -> Result<(), KernelError> {
-        let acc_len = (rows * head_dim * splits).max(1);
-        let ml_len = (rows * 2 * splits).max(1);
-        if self.acc.as_ref().is_none_or(|a| a.len() < acc_len) {
-            self.acc = Some(kernels.stream.alloc_zeros(acc_len)?);
+        row_tiles: usize,
+    ) -> Result<SplitBuffers<'_>, KernelError> {
+        grown(kernels, &mut self.acc, rows * head_dim * splits)?;
+        grown(kernels, &mut self.ml, rows * 2 * splits)?;
+        grown(kernels, &mut self.counters, row_tiles)?;
+        match (&mut self.acc, &mut self.ml, &mut self.counters) {
+            (Some(acc), Some(ml), Some(counters)) => Ok(SplitBuffers { acc, ml, counters }),
+            _ => Err(KernelError::Unsupported {
+                what: "workspace",
+                detail: "a buffer was not allocated".into(),
+            }),
         }
-        if self.ml.as_ref().is_none_or(|a| a.len() < ml_len) {
-            self.ml = Some(kernels.stream.alloc_zeros(ml_len)?);
-        }
-        Ok(())
     }
 }
 
@@ -224,11 +247,8 @@ impl CudaKernels {
         let num_splits = stats.max_keys.div_ceil(keys_per_split).max(1);
 
         let rows = stats.num_tokens * h;
-        workspace.ensure(self, rows, d, num_splits)?;
-        let (acc, ml) = match (workspace.acc.as_mut(), workspace.ml.as_mut()) {
-            (Some(a), Some(m)) => (a, m),
-            _ => unreachable!("ensure allocates both"),
-        };
+        let row_tiles = q_tiles * stats.num_seqs * kvh;
+        let buffers = workspace.ensure(self, rows, d, num_splits, row_tiles)?;
 
         let cfg = LaunchConfig {
             grid_dim: (
@@ -260,8 +280,9 @@ impl CudaKernels {
             .arg(&batch.query_starts)
             .arg(&batch.query_blocks)
             .arg(&mut *out)
-            .arg(&mut *acc)
-            .arg(&mut *ml);
+            .arg(buffers.acc)
+            .arg(buffers.ml)
+            .arg(buffers.counters);
         for v in &ints {
             launch.arg(v);
         }
@@ -271,26 +292,6 @@ impl CudaKernels {
         // every index the kernel follows were checked above and in DeviceRaggedBatch::upload.
         unsafe { launch.launch(cfg) }?;
 
-        if num_splits > 1 {
-            let name = format!("paged_attention_combine_{}_d{d}", T::NAME);
-            let f = self.function(&name)?;
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (d as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (rows_i, splits_i) = (to_i32("rows", rows)?, ints[6]);
-            let mut launch = self.stream.launch_builder(f);
-            launch
-                .arg(&*acc)
-                .arg(&*ml)
-                .arg(out)
-                .arg(&rows_i)
-                .arg(&splits_i);
-            // SAFETY: matches paged_attention_combine_* in attention.cu; the workspace holds
-            // num_splits × rows partial rows, written by the launch above.
-            unsafe { launch.launch(cfg) }?;
-        }
         Ok(())
     }
 }

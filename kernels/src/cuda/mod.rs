@@ -105,12 +105,9 @@ fn function_names(module: &str) -> Vec<String> {
         "attention" => DTYPES
             .iter()
             .flat_map(|d| {
-                ATTENTION_HEAD_DIMS.iter().flat_map(move |hd| {
-                    [
-                        format!("paged_attention_{d}_d{hd}"),
-                        format!("paged_attention_combine_{d}_d{hd}"),
-                    ]
-                })
+                ATTENTION_HEAD_DIMS
+                    .iter()
+                    .map(move |hd| format!("paged_attention_{d}_d{hd}"))
             })
             .collect(),
         "attention_tc" => ["bf16", "f16"]
