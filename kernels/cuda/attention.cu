@@ -254,8 +254,8 @@ __device__ void paged_attention_impl(
   }
   if (num_splits > 1 &&
       last_split_to_finish(split_counters + blockIdx.z * gridDim.x + blockIdx.x, num_splits))
-    merge_split_rows<T, D>(partial_acc, partial_ml, out, row0, rows_here, group, kvh, q0,
-                           num_heads, num_tokens, num_splits);
+    merge_split_rows<T, D>(partial_acc, partial_ml, out, smem, row0, rows_here,
+                           group, kvh, q0, num_heads, num_tokens, num_splits);
 }
 
 }  // namespace

@@ -4,8 +4,9 @@
 /// A last wave of CTAs that is mostly empty costs nearly a whole wave, so splits are chosen to
 /// fill the resident slots in close to whole waves.
 const MIN_WAVE_EFFICIENCY: f64 = 0.85;
-/// More splits than this only add partial-result traffic.
-const MAX_SPLITS: usize = 64;
+/// More splits than this only add partial-result traffic; the merge's shared scratch also holds
+/// query rows x MAX_SPLITS weights (split_merge.cuh), which fits every kernel's tile buffer.
+pub(crate) const MAX_SPLITS: usize = 64;
 
 /// Fewest key splits whose CTAs fill the machine's resident slots to MIN_WAVE_EFFICIENCY, or
 /// the most efficient count when none does.

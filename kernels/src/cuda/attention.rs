@@ -4,7 +4,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{to_i32, CudaElement, CudaKernels, ATTENTION_HEAD_DIMS};
 use crate::error::check_len;
-use crate::launch::auto_splits;
+use crate::launch::{auto_splits, MAX_SPLITS};
 use crate::{AttentionShape, BatchStats, KernelError, RaggedBatch};
 
 /// Which implementation of the attention kernel runs.
@@ -118,7 +118,7 @@ pub enum SplitPolicy {
     /// Enough splits to give every SM work (flash-decoding).
     #[default]
     Auto,
-    /// Exactly this many (clamped to the number of key tiles); 1 writes the output directly.
+    /// Exactly this many (clamped to the key tiles and to 64); 1 writes the output directly.
     Fixed(usize),
 }
 
@@ -239,7 +239,7 @@ impl CudaKernels {
         let q_tiles = (stats.max_query_len * shape.group()).div_ceil(rows_per_cta);
         let base_ctas = stats.num_seqs * kvh * q_tiles;
         let wanted = match options.splits {
-            SplitPolicy::Fixed(n) => n.max(1),
+            SplitPolicy::Fixed(n) => n.clamp(1, MAX_SPLITS),
             SplitPolicy::Auto => auto_splits(base_ctas, ctas_per_sm * self.num_sms, key_tiles),
         };
         let tiles_per_split = key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)));
