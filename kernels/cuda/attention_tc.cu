@@ -163,12 +163,23 @@ __device__ void paged_attention_tc_impl(
   static_assert(THREADS % VECS_PER_KEY == 0 && S::KEYS % KEY_STEP == 0, "loader mapping");
   const int load_col = (tid % VECS_PER_KEY) * 8;
   const int load_key0 = tid / VECS_PER_KEY;
+  constexpr int KEYS_PER_THREAD = S::KEYS / KEY_STEP;
   const int* table = block_tables + (size_t)seq * max_pages_per_seq;
-  auto load_tile = [&](int stage, int t0) {
+  // The pages of this thread's keys in a tile, looked up one tile before they are needed: a
+  // lookup right in front of its cp.async stalled the warp on a global load every tile.
+  auto lookup_pages = [&](int t0, int (&pages)[KEYS_PER_THREAD]) {
+#pragma unroll
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int t = t0 + load_key0 + i * KEY_STEP;
+      pages[i] = t < min(k_end, ctx) ? table[t >> page_shift] : 0;
+    }
+  };
+  auto load_tile = [&](int stage, int t0, const int (&pages)[KEYS_PER_THREAD]) {
     T* ks = kv + stage * 2 * S::TILE;
     T* vs = ks + S::TILE;
 #pragma unroll
-    for (int key = load_key0; key < S::KEYS; key += KEY_STEP) {
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int key = load_key0 + i * KEY_STEP;
       const int col = load_col;
       const int t = t0 + key;
       const bool in = t < k_end;
@@ -176,7 +187,7 @@ __device__ void paged_attention_tc_impl(
       const T* ksrc = k_pages;
       const T* vsrc = v_pages;
       if (in && t < ctx) {
-        const int page = table[t >> page_shift];
+        const int page = pages[i];
         base = (((size_t)page * page_size + (t & (page_size - 1))) * num_kv_heads + kvh) * D;
       } else if (in) {
         base = ((size_t)(q0 + t - ctx) * num_kv_heads + kvh) * D;
@@ -197,16 +208,20 @@ __device__ void paged_attention_tc_impl(
 
   // Every iteration commits one group (empty past the last tile), so waiting for all but the
   // newest STAGES - 1 groups always means: tile `it` has landed.
+  int pages[KEYS_PER_THREAD];
   for (int p = 0; p < STAGES - 1; ++p) {
-    if (p < tiles) load_tile(p, k_begin + p * S::KEYS);
+    lookup_pages(k_begin + p * S::KEYS, pages);
+    if (p < tiles) load_tile(p, k_begin + p * S::KEYS, pages);
     else cp_async_commit();
   }
+  lookup_pages(k_begin + (STAGES - 1) * S::KEYS, pages);
   for (int it = 0; it < tiles; ++it) {
     const int stage = it % STAGES;
     const int t0 = k_begin + it * S::KEYS;
     const int next = it + STAGES - 1;
-    if (next < tiles) load_tile(next % STAGES, k_begin + next * S::KEYS);
+    if (next < tiles) load_tile(next % STAGES, k_begin + next * S::KEYS, pages);
     else cp_async_commit();
+    lookup_pages(k_begin + (next + 1) * S::KEYS, pages);  // consumed next iteration
     cp_async_wait<STAGES - 1>();
     __syncthreads();
     if (active) {
