@@ -1,0 +1,29 @@
+use std::path::PathBuf;
+
+/// Why the engine refused or failed. Messages name the file or input and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    #[error("{}: {field}: {reason}", path.display())]
+    Config {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("{0}")]
+    Input(String),
+    #[error("tensor computation: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    pub(crate) fn file(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        EngineError::File {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

@@ -1,0 +1,19 @@
+//! sdlm-engine: the model, its loading, attention masks and (next) decoding for block-diffusion
+//! serving. Knows nothing of gRPC; the services reach tensors only through this API.
+
+mod config;
+mod error;
+mod mask;
+mod model;
+mod perplexity;
+mod tokenizer;
+mod weights;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use config::{DiffusionConfig, Family, ModelConfig};
+pub use error::{EngineError, Result};
+pub use mask::MaskRule;
+pub use model::Model;
+pub use perplexity::{score_tokens, Score};
+pub use tokenizer::load_tokenizer;
+pub use weights::{load_model, safetensors_files};

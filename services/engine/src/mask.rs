@@ -1,0 +1,88 @@
+//! The attention mask rules. One rule decides, for a query position and a key position, whether
+//! the query sees the key; the dense additive mask for a whole-sequence forward is built from it,
+//! and the paged CUDA/CPU kernels implement the same rule for blocks over a cache.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+
+/// Which earlier and later positions a token attends to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskRule {
+    /// Token i sees tokens 0..=i (autoregressive).
+    Causal,
+    /// The first `prefix` tokens (the prompt) are causal; after them the sequence is cut into
+    /// blocks of `block` tokens, and a token sees every token before its block and every token
+    /// of its block (block diffusion).
+    BlockCausal { prefix: usize, block: usize },
+    /// Every token sees every token.
+    Bidirectional,
+}
+
+impl MaskRule {
+    pub fn allows(&self, query: usize, key: usize) -> bool {
+        match *self {
+            MaskRule::Causal => key <= query,
+            MaskRule::Bidirectional => true,
+            MaskRule::BlockCausal { prefix, block } => {
+                if query < prefix {
+                    key <= query
+                } else if key < prefix {
+                    true
+                } else {
+                    let block = block.max(1);
+                    (key - prefix) / block <= (query - prefix) / block
+                }
+            }
+        }
+    }
+
+    /// `[len, len]` f32 with 0 where the query (row) sees the key (column) and -inf elsewhere.
+    pub fn additive(&self, len: usize, device: &Device) -> Result<Tensor> {
+        let data: Vec<f32> = (0..len)
+            .flat_map(|q| (0..len).map(move |k| (q, k)))
+            .map(|(q, k)| {
+                if self.allows(q, k) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, (len, len), device)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MaskRule;
+
+    #[test]
+    fn block_causal_is_causal_in_the_prompt_and_whole_within_a_block() {
+        let rule = MaskRule::BlockCausal {
+            prefix: 3,
+            block: 2,
+        };
+        // prompt: causal
+        assert!(rule.allows(1, 0) && !rule.allows(1, 2));
+        // the prompt does not see the completion
+        assert!(!rule.allows(2, 3));
+        // block [3, 4] sees itself whole and the prompt; not block [5, 6]
+        assert!(rule.allows(3, 4) && rule.allows(4, 3) && rule.allows(3, 0));
+        assert!(!rule.allows(4, 5));
+        assert!(rule.allows(6, 3) && rule.allows(5, 6));
+    }
+
+    #[test]
+    fn block_of_one_is_causal() {
+        let rule = MaskRule::BlockCausal {
+            prefix: 2,
+            block: 1,
+        };
+        for q in 0..8 {
+            for k in 0..8 {
+                assert_eq!(rule.allows(q, k), MaskRule::Causal.allows(q, k), "{q} {k}");
+            }
+        }
+    }
+}

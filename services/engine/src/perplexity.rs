@@ -1,0 +1,94 @@
+//! Teacher-forced scoring: the negative log-likelihood of every token after the first, given the
+//! tokens before it, with causal attention. Texts longer than the window are scored in sliding
+//! windows: each window holds up to `context` tokens, advances by `stride`, and scores only the
+//! tokens no earlier window scored, so every token is scored once with at least
+//! `context - stride` tokens of history (except near the start).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, D};
+
+use crate::error::{EngineError, Result};
+use crate::mask::MaskRule;
+use crate::model::Model;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Score {
+    pub scored_tokens: usize,
+    /// Sum over scored tokens of -ln p(token | history), in nats.
+    pub total_nll: f64,
+    pub seconds: f64,
+}
+
+impl Score {
+    pub fn mean_nll(&self) -> f64 {
+        self.total_nll / self.scored_tokens.max(1) as f64
+    }
+
+    pub fn bits_per_byte(&self, bytes: usize) -> f64 {
+        self.total_nll / std::f64::consts::LN_2 / bytes.max(1) as f64
+    }
+
+    pub fn tokens_per_second(&self) -> f64 {
+        self.scored_tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Scores `tokens` with `model`. See the module docs for the windows.
+pub fn score_tokens(model: &Model, tokens: &[u32], context: usize, stride: usize) -> Result<Score> {
+    let max = model.config().max_position_embeddings;
+    if context < 2 || context > max {
+        return Err(EngineError::Input(format!(
+            "context is {context}; it must be between 2 and the model's max_position_embeddings = {max}"
+        )));
+    }
+    if stride == 0 || stride > context - 1 {
+        return Err(EngineError::Input(format!(
+            "stride is {stride}; it must be between 1 and context - 1 = {}",
+            context - 1
+        )));
+    }
+    if model.config().diffusion.logits_shift == Some(false) {
+        return Err(EngineError::Input(
+            "this model predicts masked positions in place (logits_shift = false); causal \
+             perplexity needs a model whose position i predicts token i + 1"
+                .into(),
+        ));
+    }
+    let start = Instant::now();
+    let device = model.device().clone();
+    let mut total_nll = 0f64;
+    let mut scored_to = 1; // tokens[..scored_to] have been scored (the first never is)
+    let mut begin = 0;
+    while scored_to < tokens.len() {
+        let end = (begin + context).min(tokens.len());
+        let window = &tokens[begin..end];
+        total_nll += window_nll(model, window, scored_to - begin, &device)?;
+        scored_to = end;
+        if end == tokens.len() {
+            break;
+        }
+        begin += stride;
+        // Never leave a gap: the next window must reach back to the first unscored token.
+        begin = begin.min(scored_to - 1);
+    }
+    Ok(Score {
+        scored_tokens: tokens.len().saturating_sub(1),
+        total_nll,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// -ln p summed over window[first..], each token predicted from the logits one position before.
+fn window_nll(model: &Model, window: &[u32], first: usize, device: &Device) -> Result<f64> {
+    let len = window.len();
+    let input = Tensor::new(window, device)?.unsqueeze(0)?;
+    let positions: Vec<u32> = (0..len as u32).collect();
+    let mask = MaskRule::Causal.additive(len, device)?;
+    let logits = model.forward(&input, &positions, &mask)?.squeeze(0)?; // [len, vocab]
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let rows = log_probs.to_vec2::<f32>()?;
+    Ok((first.max(1)..len)
+        .map(|i| -(rows[i - 1][window[i] as usize] as f64))
+        .sum())
+}

@@ -1,0 +1,76 @@
+//! Opening a model directory: config.json, and safetensors weights in one file or in shards
+//! named by model.safetensors.index.json. Every failure names the file.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::model::Model;
+
+/// The safetensors files of a model directory, in a stable order.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return Err(EngineError::file(
+            dir,
+            "has neither model.safetensors nor model.safetensors.index.json",
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| EngineError::file(&index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| EngineError::file(&index, e))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| EngineError::file(&index, "has no \"weight_map\" object"))?;
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let name = file.as_str().ok_or_else(|| {
+            EngineError::file(&index, format!("weight_map[{tensor:?}] is not a file name"))
+        })?;
+        if name.contains('/') || name.contains("..") {
+            return Err(EngineError::file(
+                &index,
+                format!("shard name {name:?} leaves the model directory"),
+            ));
+        }
+        files.insert(dir.join(name));
+    }
+    Ok(files.into_iter().collect())
+}
+
+/// Loads config.json and the weights of `dir` onto `device` in `dtype`.
+pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
+    if !dir.is_dir() {
+        return Err(EngineError::file(dir, "is not a model directory"));
+    }
+    let config = ModelConfig::from_dir(dir)?;
+    let files = safetensors_files(dir)?;
+    // SAFETY (both blocks): the files are memory-mapped read-only; nothing in this process
+    // writes them, and a model directory is not modified while it is served.
+    for file in &files {
+        // Opening parses the header and checks every tensor lies inside the file, so a
+        // truncated download is reported here, by name.
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }
+            .map_err(|e| EngineError::file(file, e))?;
+    }
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+        .map_err(|e| EngineError::file(dir, e))?;
+    let weights_name = if files.len() == 1 {
+        files[0].clone()
+    } else {
+        dir.join("model.safetensors.index.json")
+    };
+    Model::new(&config, vb).map_err(|e| match e {
+        EngineError::Candle(c) => EngineError::file(weights_name, c),
+        other => other,
+    })
+}
