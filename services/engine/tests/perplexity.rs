@@ -1,0 +1,106 @@
+//! Teacher-forced scoring against the transformers logits of the fixtures, and the sliding
+//! windows against a brute-force definition: every token scored once, with up to context - 1
+//! tokens of history.
+
+use std::path::PathBuf;
+
+use sdlm_engine::{load_model, score_tokens, DType, Device, MaskRule, Model, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn log_softmax_f64(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    row.iter().map(|&x| x as f64 - z).collect()
+}
+
+#[test]
+fn one_window_nll_matches_transformers_logits() {
+    let name = "llama-sharded-f32";
+    let model = load_model(&fixture(name), &Device::Cpu, DType::F32).unwrap();
+    let want =
+        candle_core::safetensors::load(fixture(name).join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids: Vec<u32> = want["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let logits = want["causal_logits"].to_vec2::<f32>().unwrap();
+    let reference: f64 = (1..ids.len())
+        .map(|i| -log_softmax_f64(&logits[i - 1])[ids[i] as usize])
+        .sum();
+    let score = score_tokens(&model, &ids, ids.len(), ids.len() / 2).unwrap();
+    assert_eq!(score.scored_tokens, ids.len() - 1);
+    assert!(
+        (score.total_nll - reference).abs() <= 1e-4,
+        "{} vs {reference}",
+        score.total_nll
+    );
+}
+
+/// -ln p(tokens[i] | tokens[i - context + 1 .. i]) by one forward of exactly that window.
+fn brute_force_nll(model: &Model, tokens: &[u32], i: usize, context: usize) -> f64 {
+    let window = &tokens[i.saturating_sub(context - 1)..=i];
+    let len = window.len();
+    let input = Tensor::new(window, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let positions: Vec<u32> = (0..len as u32).collect();
+    let mask = MaskRule::Causal.additive(len, &Device::Cpu).unwrap();
+    let logits = model
+        .forward(&input, &positions, &mask)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let row = logits.to_vec2::<f32>().unwrap()[len - 2].clone();
+    -log_softmax_f64(&row)[tokens[i] as usize]
+}
+
+#[test]
+fn sliding_windows_give_each_token_the_full_history_the_window_allows() {
+    let model = load_model(&fixture("qwen2-tied-bf16"), &Device::Cpu, DType::F32).unwrap();
+    let tokens: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 128).collect();
+    let context = 12;
+    // Stride 1: each token i is scored with exactly min(i, context - 1) tokens of history.
+    let want: f64 = (1..tokens.len())
+        .map(|i| brute_force_nll(&model, &tokens, i, context))
+        .sum();
+    let got = score_tokens(&model, &tokens, context, 1).unwrap();
+    assert_eq!(got.scored_tokens, tokens.len() - 1);
+    assert!(
+        (got.total_nll - want).abs() <= 1e-3,
+        "{} vs {want}",
+        got.total_nll
+    );
+    // Larger strides score every token once too (less history, so a different total).
+    for stride in [4, 11] {
+        let s = score_tokens(&model, &tokens, context, stride).unwrap();
+        assert_eq!(s.scored_tokens, tokens.len() - 1);
+        assert!(s.total_nll.is_finite() && s.total_nll > 0.0);
+    }
+}
+
+#[test]
+fn windows_are_checked_against_the_model() {
+    let model = load_model(&fixture("qwen2-tied-bf16"), &Device::Cpu, DType::F32).unwrap();
+    let err = score_tokens(&model, &[1, 2, 3], 65, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("context") && err.contains("64"), "{err}");
+    let err = score_tokens(&model, &[1, 2, 3], 16, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stride"), "{err}");
+}
