@@ -34,6 +34,8 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Per-head RMSNorm of q and k before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// RoPE rotates adjacent pairs (GGUF's llama layout) instead of halves (HF layout).
+    pub rope_interleaved: bool,
     pub diffusion: DiffusionConfig,
 }
 
@@ -209,6 +211,7 @@ impl ModelConfig {
             // HF's Qwen2 always has q/k/v bias and no attention_bias field.
             attention_bias: raw.attention_bias.unwrap_or(family == Family::Qwen2),
             qk_norm: family == Family::Qwen3,
+            rope_interleaved: false,
             diffusion: raw.diffusion,
         })
     }

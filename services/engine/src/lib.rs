@@ -3,6 +3,8 @@
 
 mod config;
 mod error;
+mod gguf;
+mod gguf_tokenizer;
 mod mask;
 mod model;
 mod perplexity;
@@ -14,6 +16,6 @@ pub use config::{DiffusionConfig, Family, ModelConfig};
 pub use error::{EngineError, Result};
 pub use mask::MaskRule;
 pub use model::Model;
-pub use perplexity::{score_tokens, Score};
+pub use perplexity::{score_tokens, Score, TokenScore};
 pub use tokenizer::load_tokenizer;
-pub use weights::{load_model, safetensors_files};
+pub use weights::{load_model, open_model, safetensors_files};

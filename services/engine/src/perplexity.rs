@@ -18,6 +18,16 @@ pub struct Score {
     /// Sum over scored tokens of -ln p(token | history), in nats.
     pub total_nll: f64,
     pub seconds: f64,
+    /// Per scored token (tokens[1..]), in order.
+    pub tokens: Vec<TokenScore>,
+}
+
+/// One scored token: what the model predicted there, and the token's NLL.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenScore {
+    /// The most likely token at this position (lowest id among equals).
+    pub argmax: u32,
+    pub nll: f64,
 }
 
 impl Score {
@@ -57,13 +67,13 @@ pub fn score_tokens(model: &Model, tokens: &[u32], context: usize, stride: usize
     }
     let start = Instant::now();
     let device = model.device().clone();
-    let mut total_nll = 0f64;
+    let mut scored = Vec::with_capacity(tokens.len().saturating_sub(1));
     let mut scored_to = 1; // tokens[..scored_to] have been scored (the first never is)
     let mut begin = 0;
     while scored_to < tokens.len() {
         let end = (begin + context).min(tokens.len());
         let window = &tokens[begin..end];
-        total_nll += window_nll(model, window, scored_to - begin, &device)?;
+        scored.extend(window_scores(model, window, scored_to - begin, &device)?);
         scored_to = end;
         if end == tokens.len() {
             break;
@@ -73,14 +83,20 @@ pub fn score_tokens(model: &Model, tokens: &[u32], context: usize, stride: usize
         begin = begin.min(scored_to - 1);
     }
     Ok(Score {
-        scored_tokens: tokens.len().saturating_sub(1),
-        total_nll,
+        scored_tokens: scored.len(),
+        total_nll: scored.iter().map(|t| t.nll).sum(),
         seconds: start.elapsed().as_secs_f64(),
+        tokens: scored,
     })
 }
 
-/// -ln p summed over window[first..], each token predicted from the logits one position before.
-fn window_nll(model: &Model, window: &[u32], first: usize, device: &Device) -> Result<f64> {
+/// Scores of window[first..], each token predicted from the logits one position before.
+fn window_scores(
+    model: &Model,
+    window: &[u32],
+    first: usize,
+    device: &Device,
+) -> Result<Vec<TokenScore>> {
     let len = window.len();
     let input = Tensor::new(window, device)?.unsqueeze(0)?;
     let positions: Vec<u32> = (0..len as u32).collect();
@@ -89,6 +105,13 @@ fn window_nll(model: &Model, window: &[u32], first: usize, device: &Device) -> R
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let rows = log_probs.to_vec2::<f32>()?;
     Ok((first.max(1)..len)
-        .map(|i| -(rows[i - 1][window[i] as usize] as f64))
-        .sum())
+        .map(|i| {
+            let row = &rows[i - 1];
+            let argmax = (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+            TokenScore {
+                argmax: argmax as u32,
+                nll: -(row[window[i] as usize] as f64),
+            }
+        })
+        .collect())
 }

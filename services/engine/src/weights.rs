@@ -9,7 +9,10 @@ use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::gguf::{load_gguf_model, GgufFile};
+use crate::gguf_tokenizer::tokenizer_from_gguf;
 use crate::model::Model;
+use crate::tokenizer::load_tokenizer;
 
 /// The safetensors files of a model directory, in a stable order.
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -73,4 +76,20 @@ pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
         EngineError::Candle(c) => EngineError::file(weights_name, c),
         other => other,
     })
+}
+
+/// A model and its tokenizer, from a directory (config.json, safetensors, tokenizer.json) or from
+/// one `.gguf` file. Weights are computed in f32 on the CPU path (GGUF weights stay quantized).
+pub fn open_model(path: &Path, device: &Device) -> Result<(Model, tokenizers::Tokenizer)> {
+    if path.is_file() {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            let file = GgufFile::open(path, device)?;
+            return Ok((load_gguf_model(&file)?, tokenizer_from_gguf(&file)?));
+        }
+        return Err(EngineError::file(
+            path,
+            "is neither a model directory nor a .gguf file",
+        ));
+    }
+    Ok((load_model(path, device, DType::F32)?, load_tokenizer(path)?))
 }

@@ -1,8 +1,10 @@
 //! The layers of [`super::Model`], each a `new(config, vb)` and a `forward`.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{linear_b, linear_no_bias, Linear, RmsNorm, VarBuilder};
+use candle_nn::RmsNorm;
 use sdlm_kernels::reference::RopeTable;
+
+use super::source::{Proj, WeightSource};
 
 use crate::config::ModelConfig;
 use crate::error::EngineError;
@@ -51,17 +53,18 @@ impl Rotary {
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
-    fn new(c: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &ModelConfig, w: &dyn WeightSource, name: &str) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(Self {
-            gate_proj: linear_no_bias(c.hidden_size, c.intermediate_size, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(c.hidden_size, c.intermediate_size, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(c.intermediate_size, c.hidden_size, vb.pp("down_proj"))?,
+            gate_proj: w.linear(&format!("{name}.gate_proj"), h, i, false)?,
+            up_proj: w.linear(&format!("{name}.up_proj"), h, i, false)?,
+            down_proj: w.linear(&format!("{name}.down_proj"), i, h, false)?,
         })
     }
 
@@ -72,36 +75,48 @@ impl Mlp {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    rope_interleaved: bool,
 }
 
 impl Attention {
-    fn new(c: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
+    fn new(c: &ModelConfig, w: &dyn WeightSource, name: &str) -> Result<Self> {
+        let (h, kvh, d, hidden) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.hidden_size,
+        );
+        let qk_norm = |part: &str| -> Result<Option<RmsNorm>> {
             match c.qk_norm {
-                true => Ok(Some(candle_nn::rms_norm(d, c.rms_norm_eps, vb.pp(name))?)),
+                true => Ok(Some(w.rms_norm(
+                    &format!("{name}.{part}"),
+                    d,
+                    c.rms_norm_eps,
+                )?)),
                 false => Ok(None),
             }
         };
+        let bias = c.attention_bias;
         Ok(Self {
-            q_proj: linear_b(c.hidden_size, h * d, c.attention_bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(c.hidden_size, kvh * d, c.attention_bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(c.hidden_size, kvh * d, c.attention_bias, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(h * d, c.hidden_size, vb.pp("o_proj"))?,
+            q_proj: w.linear(&format!("{name}.q_proj"), hidden, h * d, bias)?,
+            k_proj: w.linear(&format!("{name}.k_proj"), hidden, kvh * d, bias)?,
+            v_proj: w.linear(&format!("{name}.v_proj"), hidden, kvh * d, bias)?,
+            o_proj: w.linear(&format!("{name}.o_proj"), h * d, hidden, false)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
             heads: h,
             kv_heads: kvh,
             head_dim: d,
+            rope_interleaved: c.rope_interleaved,
         })
     }
 
@@ -121,8 +136,14 @@ impl Attention {
         let q = self.split_heads(self.q_proj.forward(x)?, self.heads, self.q_norm.as_ref())?;
         let k = self.split_heads(self.k_proj.forward(x)?, self.kv_heads, self.k_norm.as_ref())?;
         let v = self.split_heads(self.v_proj.forward(x)?, self.kv_heads, None)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        // GGUF's llama layout permutes q/k rows so that RoPE rotates adjacent pairs.
+        let rotate = if self.rope_interleaved {
+            candle_nn::rotary_emb::rope_i
+        } else {
+            candle_nn::rotary_emb::rope
+        };
+        let q = rotate(&q, cos, sin)?;
+        let k = rotate(&k, cos, sin)?;
         let k = repeat_kv(k, self.heads / self.kv_heads)?;
         let v = repeat_kv(v, self.heads / self.kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -156,20 +177,14 @@ pub(super) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(super) fn new(c: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+    pub(super) fn new(c: &ModelConfig, w: &dyn WeightSource, name: &str) -> Result<Self> {
+        let norm =
+            |part: &str| w.rms_norm(&format!("{name}.{part}"), c.hidden_size, c.rms_norm_eps);
         Ok(Self {
-            self_attn: Attention::new(c, vb.pp("self_attn"))?,
-            mlp: Mlp::new(c, vb.pp("mlp"))?,
-            input_layernorm: candle_nn::rms_norm(
-                c.hidden_size,
-                c.rms_norm_eps,
-                vb.pp("input_layernorm"),
-            )?,
-            post_attention_layernorm: candle_nn::rms_norm(
-                c.hidden_size,
-                c.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            self_attn: Attention::new(c, w, &format!("{name}.self_attn"))?,
+            mlp: Mlp::new(c, w, &format!("{name}.mlp"))?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
         })
     }
 

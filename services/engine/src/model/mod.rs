@@ -6,37 +6,49 @@
 //! positions, and decoding attends bidirectionally inside a block.
 
 mod layers;
+pub(crate) mod source;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use layers::{DecoderLayer, Rotary};
+use source::{Proj, Safetensors, WeightSource};
 
 pub struct Model {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     rotary: Rotary,
     config: ModelConfig,
 }
 
 impl Model {
+    /// From safetensors, through candle's VarBuilder.
     pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let m = vb.pp("model");
+        let device = vb.device().clone();
+        Self::from_source(config, &Safetensors(vb), &device)
+    }
+
+    pub(crate) fn from_source(
+        config: &ModelConfig,
+        w: &dyn WeightSource,
+        device: &Device,
+    ) -> Result<Self> {
+        let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let embed_tokens =
-            candle_nn::embedding(config.vocab_size, config.hidden_size, m.pp("embed_tokens"))?;
-        let rotary = Rotary::new(config, vb.device())?;
+            Embedding::new(w.embedding("model.embed_tokens", vocab, hidden)?, hidden);
+        let rotary = Rotary::new(config, device)?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::new(config, m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(config, w, &format!("model.layers.{i}")))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, m.pp("norm"))?;
+        let norm = w.rms_norm("model.norm", hidden, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            w.tied_head("model.embed_tokens", vocab, hidden)?
         } else {
-            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+            w.linear("lm_head", hidden, vocab, false)?
         };
         Ok(Self {
             embed_tokens,

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds llama-cpp-python from source into a venv (about 6 minutes on 2 cores) for
+# scripts/compare-llama-cpp.sh, and prints the venv's python. Idempotent.
+#
+# Pinned to 0.3.16: 0.3.36 builds on this machine but crashes inside llama_decode.
+set -euo pipefail
+venv="${SDLM_LLAMA_CPP_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sdlm/llama-cpp-0.3.16-venv}"
+if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-binary llama-cpp-python \
+    llama-cpp-python==0.3.16 numpy >&2
+fi
+echo "$venv/bin/python"

@@ -1,0 +1,110 @@
+//! Where layer weights come from. Layers ask by their HF checkpoint name
+//! ("model.layers.0.self_attn.q_proj"), so the model code reads like the checkpoint whatever the
+//! file format; each source maps the name to its own file.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, RmsNorm, VarBuilder};
+
+/// Rows of input above which a quantized projection multiplies by its dequantized f32 weight
+/// (candle's tiled gemm) instead of row-by-row quantized dot products: the latter suit one
+/// decoding token, the former a prompt or a scoring window (measured: see docs/benchmarks.md).
+const DEQUANTIZE_ABOVE_ROWS: usize = 8;
+
+/// A projection: dense (safetensors, in the model's dtype) or quantized (GGUF, through candle's
+/// quantized matmul), with an optional bias.
+pub(crate) enum Proj {
+    Dense(Linear),
+    Quantized {
+        weight: candle_core::quantized::QMatMul,
+        /// The f32 weight, made on first use by a many-row input.
+        dense: std::sync::OnceLock<Tensor>,
+        qtensor: std::sync::Arc<candle_core::quantized::QTensor>,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Proj {
+    pub(crate) fn quantized(
+        qtensor: candle_core::quantized::QTensor,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
+        let qtensor = std::sync::Arc::new(qtensor);
+        Ok(Proj::Quantized {
+            weight: candle_core::quantized::QMatMul::from_arc(qtensor.clone())?,
+            dense: std::sync::OnceLock::new(),
+            qtensor,
+            bias,
+        })
+    }
+}
+
+impl Module for Proj {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => l.forward(x),
+            Proj::Quantized {
+                weight,
+                dense,
+                qtensor,
+                bias,
+            } => {
+                let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+                let y = if rows > DEQUANTIZE_ABOVE_ROWS {
+                    let w = match dense.get() {
+                        Some(w) => w,
+                        None => {
+                            let w = qtensor.dequantize(x.device())?;
+                            dense.get_or_init(|| w)
+                        }
+                    };
+                    x.broadcast_matmul(&w.t()?)?
+                } else {
+                    weight.forward(x)?
+                };
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+pub(crate) trait WeightSource {
+    /// `name.weight` `[out, in]` and, when `bias`, `name.bias` `[out]`.
+    fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Proj>;
+    fn rms_norm(&self, name: &str, size: usize, eps: f64) -> Result<RmsNorm>;
+    /// The embedding table `[vocab, hidden]`, dense.
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Tensor>;
+    /// The LM head when it shares the embedding's weights.
+    fn tied_head(&self, embedding_name: &str, vocab: usize, hidden: usize) -> Result<Proj>;
+}
+
+/// Safetensors through candle's VarBuilder, names as they are.
+pub(crate) struct Safetensors<'a>(pub VarBuilder<'a>);
+
+impl WeightSource for Safetensors<'_> {
+    fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Proj> {
+        Ok(Proj::Dense(candle_nn::linear_b(
+            in_dim,
+            out_dim,
+            bias,
+            self.0.pp(name),
+        )?))
+    }
+
+    fn rms_norm(&self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+        candle_nn::rms_norm(size, eps, self.0.pp(name))
+    }
+
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Tensor> {
+        self.0.pp(name).get((vocab, hidden), "weight")
+    }
+
+    fn tied_head(&self, embedding_name: &str, vocab: usize, hidden: usize) -> Result<Proj> {
+        Ok(Proj::Dense(Linear::new(
+            self.embedding(embedding_name, vocab, hidden)?,
+            None,
+        )))
+    }
+}
