@@ -87,9 +87,11 @@ impl GgufFile {
         let family = match arch.as_str() {
             "qwen2" => Family::Qwen2,
             "llama" => Family::Llama,
-            other => return Err(self.err(format!(
+            other => {
+                return Err(self.err(format!(
                 "general.architecture {other:?} is not supported; expected \"qwen2\" or \"llama\""
-            ))),
+            )))
+            }
         };
         let need = |key: &str| -> Result<usize> {
             self.meta_u32(&format!("{arch}.{key}"))?
