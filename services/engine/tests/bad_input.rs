@@ -1,15 +1,12 @@
 //! A broken model directory gives one clear error that names the file and the problem.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use common::fixture;
 use sdlm_engine::{load_model, DType, Device};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 /// A private copy of a fixture to break.
 fn copy_of(name: &str, test: &str) -> PathBuf {

@@ -3,80 +3,33 @@
 //! with bias and tied embeddings in Q8_0) plus transformers' logits for the weights each file
 //! holds; the tokenizer comes from the file's tokenizer.ggml.* metadata.
 
-use std::path::PathBuf;
+mod common;
 
-use sdlm_engine::{open_model, Device, MaskRule, Model, Tensor};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/gguf")
-        .join(name)
-}
-
-fn logits(model: &Model, ids: &[u32], rule: MaskRule) -> Tensor {
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let positions: Vec<u32> = (0..ids.len() as u32).collect();
-    let mask = rule.additive(ids.len(), &Device::Cpu).unwrap();
-    model
-        .forward(&input, &positions, &mask)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn expected(name: &str) -> (Vec<u32>, std::collections::HashMap<String, Tensor>) {
-    let want = candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap();
-    let ids = want["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    (ids, want)
-}
+use common::{expected, fixture, fixture_rule, logits, max_abs_diff};
+use sdlm_engine::{open_model, Device, MaskRule};
 
 #[test]
 fn llama_f32_gguf_with_permuted_qk_matches_transformers() {
-    let (model, _) = open_model(&fixture("llama-f32.gguf"), &Device::Cpu).unwrap();
+    let (model, _) = open_model(&fixture("gguf/llama-f32.gguf"), &Device::Cpu).unwrap();
     assert!(model.config().rope_interleaved);
-    let (ids, want) = expected("llama-f32.expected.safetensors");
+    let (ids, want) = expected("gguf/llama-f32.expected.safetensors");
     let diff = max_abs_diff(
         &logits(&model, &ids, MaskRule::Causal),
         &want["causal_logits"],
     );
     eprintln!("llama f32 gguf causal: max |Δlogit| = {diff:e}");
     assert!(diff <= 1e-4, "causal: {diff}");
-    let pb = want["prefix_block"].to_vec1::<i64>().unwrap();
-    let rule = MaskRule::BlockCausal {
-        prefix: pb[0] as usize,
-        block: pb[1] as usize,
-    };
+    let rule = fixture_rule(&want);
     let diff = max_abs_diff(&logits(&model, &ids, rule), &want["block_causal_logits"]);
     assert!(diff <= 1e-4, "block-causal: {diff}");
 }
 
 #[test]
 fn qwen2_q8_0_gguf_matches_transformers_on_its_dequantized_weights() {
-    let (model, _) = open_model(&fixture("qwen2-q8_0.gguf"), &Device::Cpu).unwrap();
+    let (model, _) = open_model(&fixture("gguf/qwen2-q8_0.gguf"), &Device::Cpu).unwrap();
     let c = model.config();
     assert!(c.attention_bias && c.tie_word_embeddings && !c.rope_interleaved);
-    let (ids, want) = expected("qwen2-q8_0.expected.safetensors");
+    let (ids, want) = expected("gguf/qwen2-q8_0.expected.safetensors");
     // 16 rows: the dequantized f32 weights, so transformers' numbers to f32 rounding.
     let diff = max_abs_diff(
         &logits(&model, &ids, MaskRule::Causal),
@@ -95,7 +48,7 @@ fn qwen2_q8_0_gguf_matches_transformers_on_its_dequantized_weights() {
 
 #[test]
 fn gguf_tokenizer_is_byte_level_bpe_from_the_metadata() {
-    let (_, tokenizer) = open_model(&fixture("qwen2-q8_0.gguf"), &Device::Cpu).unwrap();
+    let (_, tokenizer) = open_model(&fixture("gguf/qwen2-q8_0.gguf"), &Device::Cpu).unwrap();
     let text = "def f(x):\n\treturn x + 1";
     let ids = tokenizer.encode(text, true).unwrap().get_ids().to_vec();
     // The fixture's vocabulary: <unk>, \n, \t, then printable ASCII from the space (id 3) on.
@@ -113,7 +66,7 @@ fn gguf_tokenizer_is_byte_level_bpe_from_the_metadata() {
 
 #[test]
 fn truncated_gguf_names_the_file() {
-    let src = std::fs::read(fixture("qwen2-q8_0.gguf")).unwrap();
+    let src = std::fs::read(fixture("gguf/qwen2-q8_0.gguf")).unwrap();
     let path = std::env::temp_dir().join(format!("sdlm-truncated-{}.gguf", std::process::id()));
     std::fs::write(&path, &src[..src.len() - 1000]).unwrap();
     let err = open_model(&path, &Device::Cpu)

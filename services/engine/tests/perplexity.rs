@@ -2,26 +2,10 @@
 //! windows against a brute-force definition: every token scored once, with up to context - 1
 //! tokens of history.
 
-use std::path::PathBuf;
+mod common;
 
-use sdlm_engine::{load_model, score_tokens, DType, Device, MaskRule, Model, Tensor};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-fn log_softmax_f64(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let z: f64 = row
-        .iter()
-        .map(|&x| (x as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
-    row.iter().map(|&x| x as f64 - z).collect()
-}
+use common::{fixture, log_softmax_f64, logits};
+use sdlm_engine::{load_model, score_tokens, DType, Device, MaskRule, Model};
 
 #[test]
 fn one_window_nll_matches_transformers_logits() {
@@ -52,20 +36,10 @@ fn one_window_nll_matches_transformers_logits() {
 /// -ln p(tokens[i] | tokens[i - context + 1 .. i]) by one forward of exactly that window.
 fn brute_force_nll(model: &Model, tokens: &[u32], i: usize, context: usize) -> f64 {
     let window = &tokens[i.saturating_sub(context - 1)..=i];
-    let len = window.len();
-    let input = Tensor::new(window, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
+    let rows = logits(model, window, MaskRule::Causal)
+        .to_vec2::<f32>()
         .unwrap();
-    let positions: Vec<u32> = (0..len as u32).collect();
-    let mask = MaskRule::Causal.additive(len, &Device::Cpu).unwrap();
-    let logits = model
-        .forward(&input, &positions, &mask)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    let row = logits.to_vec2::<f32>().unwrap()[len - 2].clone();
-    -log_softmax_f64(&row)[tokens[i] as usize]
+    -log_softmax_f64(&rows[window.len() - 2])[tokens[i] as usize]
 }
 
 #[test]
