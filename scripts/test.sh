@@ -11,4 +11,10 @@ kernels/check-cuda-compile.sh
 root=$(scripts/install-cuda-toolchain.sh)
 PATH="$root/bin:$PATH" CUDA_HOME="$root" cargo test -p sdlm-kernels --features cuda --no-run
 
-cargo test --workspace
+# Every test of the workspace; the last line totals them (cargo's own last line is often a
+# doc-test run with nothing in it).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i - 1); if ($(i) ~ /^failed;?$/) f += $(i - 1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
