@@ -36,6 +36,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// RoPE rotates adjacent pairs (GGUF's llama layout) instead of halves (HF layout).
     pub rope_interleaved: bool,
+    /// Tokens that end a generation (config.json's eos_token_id, one id or a list).
+    pub eos_token_ids: Vec<u32>,
     pub diffusion: DiffusionConfig,
 }
 
@@ -68,6 +70,7 @@ struct RawConfig {
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     use_sliding_window: Option<bool>,
+    eos_token_id: Option<serde_json::Value>,
     #[serde(flatten)]
     diffusion: DiffusionConfig,
 }
@@ -212,6 +215,17 @@ impl ModelConfig {
             attention_bias: raw.attention_bias.unwrap_or(family == Family::Qwen2),
             qk_norm: family == Family::Qwen3,
             rope_interleaved: false,
+            eos_token_ids: match &raw.eos_token_id {
+                Some(serde_json::Value::Number(n)) => {
+                    n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+                }
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect(),
+                _ => Vec::new(),
+            },
             diffusion: raw.diffusion,
         })
     }

@@ -137,6 +137,10 @@ impl GgufFile {
             qk_norm: false,
             // llama.cpp's converter permutes llama q/k for pairwise RoPE; qwen2 keeps halves.
             rope_interleaved: family == Family::Llama,
+            eos_token_ids: self
+                .meta_u32("tokenizer.ggml.eos_token_id")?
+                .into_iter()
+                .collect(),
             diffusion: DiffusionConfig::default(),
         })
     }

@@ -2,6 +2,7 @@
 //! serving. Knows nothing of gRPC; the services reach tensors only through this API.
 
 mod config;
+pub mod decode;
 mod error;
 mod gguf;
 mod gguf_tokenizer;
@@ -15,7 +16,7 @@ pub use candle_core::{DType, Device, Tensor};
 pub use config::{DiffusionConfig, Family, ModelConfig};
 pub use error::{EngineError, Result};
 pub use mask::MaskRule;
-pub use model::Model;
+pub use model::{KvCache, Model};
 pub use perplexity::{score_tokens, Score, TokenScore};
 pub use tokenizer::load_tokenizer;
 pub use weights::{load_model, open_model, safetensors_files};

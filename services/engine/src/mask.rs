@@ -39,8 +39,19 @@ impl MaskRule {
 
     /// `[len, len]` f32 with 0 where the query (row) sees the key (column) and -inf elsewhere.
     pub fn additive(&self, len: usize, device: &Device) -> Result<Tensor> {
-        let data: Vec<f32> = (0..len)
-            .flat_map(|q| (0..len).map(move |k| (q, k)))
+        self.additive_rows(0..len, len, device)
+    }
+
+    /// The rows `queries` of the `[keys, keys]` additive mask: for new tokens over a cache.
+    pub fn additive_rows(
+        &self,
+        queries: std::ops::Range<usize>,
+        keys: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let rows = queries.len();
+        let data: Vec<f32> = queries
+            .flat_map(|q| (0..keys).map(move |k| (q, k)))
             .map(|(q, k)| {
                 if self.allows(q, k) {
                     0.0
@@ -49,7 +60,7 @@ impl MaskRule {
                 }
             })
             .collect();
-        Ok(Tensor::from_vec(data, (len, len), device)?)
+        Ok(Tensor::from_vec(data, (rows, keys), device)?)
     }
 }
 

@@ -131,7 +131,17 @@ impl Attention {
         x.transpose(1, 2)?.contiguous()
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Attention of the new tokens `x` over `past` keys/values (if any) and their own. Returns
+    /// the output and the keys/values of past and new tokens together (`[b, kv_heads, all, d]`,
+    /// after RoPE), which a caller may keep as the cache.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, len, _) = x.dims3()?;
         let q = self.split_heads(self.q_proj.forward(x)?, self.heads, self.q_norm.as_ref())?;
         let k = self.split_heads(self.k_proj.forward(x)?, self.kv_heads, self.k_norm.as_ref())?;
@@ -144,8 +154,12 @@ impl Attention {
         };
         let q = rotate(&q, cos, sin)?;
         let k = rotate(&k, cos, sin)?;
-        let k = repeat_kv(k, self.heads / self.kv_heads)?;
-        let v = repeat_kv(v, self.heads / self.kv_heads)?;
+        let (k_all, v_all) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        let k = repeat_kv(k_all.clone(), self.heads / self.kv_heads)?;
+        let v = repeat_kv(v_all.clone(), self.heads / self.kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -153,7 +167,7 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, len, self.heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        Ok((self.o_proj.forward(&out)?, (k_all, v_all)))
     }
 }
 
@@ -194,14 +208,15 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-    ) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (h, kv) =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, cos, sin, mask, past)?;
         let x = (x + h)?;
         let h = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        x + h
+        Ok(((x + h)?, kv))
     }
 }

@@ -5,6 +5,7 @@
 //! diffusion needs both: training feeds a corrupted and a clean copy of a sequence at the same
 //! positions, and decoding attends bidirectionally inside a block.
 
+mod cache;
 mod layers;
 pub(crate) mod source;
 
@@ -15,6 +16,8 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use layers::{DecoderLayer, Rotary};
 use source::{Proj, Safetensors, WeightSource};
+
+pub use cache::KvCache;
 
 pub struct Model {
     embed_tokens: Embedding,
@@ -64,6 +67,13 @@ impl Model {
         &self.config
     }
 
+    /// The same weights with other diffusion settings (mask token, block size, logits shift):
+    /// an AR checkpoint can be decoded block-wise, and tests can pick the convention.
+    pub fn with_diffusion(mut self, diffusion: crate::config::DiffusionConfig) -> Self {
+        self.config.diffusion = diffusion;
+        self
+    }
+
     /// Logits `[batch, len, vocab]` (f32) for `input_ids` `[batch, len]` (u32) at `positions`
     /// (one per column, shared by the batch) under `mask` (`[len, len]` additive, see
     /// [`crate::MaskRule::additive`]).
@@ -81,13 +91,60 @@ impl Model {
                 mask.dims()
             )));
         }
+        self.run(input_ids, positions, mask, None)
+            .map(|(logits, _)| logits)
+    }
+
+    /// Logits `[n, vocab]` for `tokens`, the next n tokens of the sequence whose committed
+    /// tokens `cache` holds: they sit at positions cache.len().., see every cached token, and see
+    /// each other by the block rule (token i sees token j iff j / query_block <= i / query_block;
+    /// 1 is causal, >= n bidirectional). With `commit`, their keys and values join the cache;
+    /// without, the cache is untouched (a denoising step over a block that is not final).
+    pub fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        query_block: usize,
+        commit: bool,
+    ) -> Result<Tensor> {
+        let (ctx, n) = (cache.len(), tokens.len());
+        if n == 0 {
+            return Err(EngineError::Input("no tokens to run".into()));
+        }
+        let device = self.device().clone();
+        let input = Tensor::new(tokens, &device)?.unsqueeze(0)?;
+        let positions: Vec<u32> = (ctx as u32..(ctx + n) as u32).collect();
+        let rule = crate::MaskRule::BlockCausal {
+            prefix: ctx,
+            block: query_block.max(1),
+        };
+        let mask = rule.additive_rows(ctx..ctx + n, ctx + n, &device)?;
+        let (logits, kv) = self.run(&input, &positions, &mask, Some(cache.layers()))?;
+        if commit {
+            cache.replace(kv, ctx + n);
+        }
+        Ok(logits.squeeze(0)?)
+    }
+
+    /// One forward of new tokens over optional past keys/values per layer.
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        positions: &[u32],
+        mask: &Tensor,
+        past: Option<&[(Tensor, Tensor)]>,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (cos, sin) = self.rotary.at(positions)?;
         let mut x = self.embed_tokens.forward(input_ids)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, mask)?;
+        let mut kv = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_past = past.and_then(|p| p.get(i));
+            let (y, layer_kv) = layer.forward(&x, &cos, &sin, mask, layer_past)?;
+            x = y;
+            kv.push(layer_kv);
         }
         let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, kv))
     }
 
     pub fn device(&self) -> &Device {

@@ -1,0 +1,91 @@
+//! One token per step: sample from the logits of the last committed position, then one forward
+//! of that token writes its keys/values and gives the next logits.
+
+use std::time::Instant;
+
+use super::{rows, stop_ids, DecodeStats, Decoder, DecodingParams, FinishReason, Sampler};
+use crate::error::Result;
+use crate::model::{KvCache, Model};
+
+pub struct AutoregressiveDecoder<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    last_logits: Vec<f32>,
+    completion: Vec<u32>,
+    max_new_tokens: usize,
+    sampler: Sampler,
+    stop_ids: Vec<u32>,
+    banned: Option<u32>,
+    stats: DecodeStats,
+    finish: Option<FinishReason>,
+}
+
+impl<'m> AutoregressiveDecoder<'m> {
+    /// Prefills the prompt (one causal forward into the cache).
+    pub fn new(model: &'m Model, prompt: &[u32], params: &DecodingParams) -> Result<Self> {
+        let start = Instant::now();
+        let mut cache = KvCache::new();
+        let logits = model.forward_cached(prompt, &mut cache, 1, true)?;
+        let last_logits = rows(&logits)?.pop().unwrap_or_default();
+        let stats = DecodeStats {
+            prefill_forwards: 1,
+            prefill_seconds: start.elapsed().as_secs_f64(),
+            ..DecodeStats::default()
+        };
+        Ok(Self {
+            model,
+            cache,
+            last_logits,
+            completion: Vec::new(),
+            max_new_tokens: params.max_new_tokens,
+            sampler: Sampler::new(params),
+            stop_ids: stop_ids(model, params),
+            banned: model.config().diffusion.mask_token_id,
+            stats,
+            finish: None,
+        })
+    }
+}
+
+impl Decoder for AutoregressiveDecoder<'_> {
+    fn step(&mut self) -> Result<Vec<u32>> {
+        if self.finish.is_some() {
+            return Ok(Vec::new());
+        }
+        let start = Instant::now();
+        let token = self.sampler.pick(&self.last_logits, self.banned).token;
+        self.stats.steps += 1;
+        if self.stop_ids.contains(&token) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(Vec::new());
+        }
+        self.completion.push(token);
+        if self.completion.len() >= self.max_new_tokens {
+            self.finish = Some(FinishReason::Length);
+        } else {
+            let logits = self
+                .model
+                .forward_cached(&[token], &mut self.cache, 1, true)?;
+            self.stats.commit_forwards += 1;
+            self.last_logits = rows(&logits)?.pop().unwrap_or_default();
+        }
+        self.stats.decode_seconds += start.elapsed().as_secs_f64();
+        Ok(vec![token])
+    }
+
+    fn finished(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    fn completion(&self) -> &[u32] {
+        &self.completion
+    }
+
+    fn stats(&self) -> &DecodeStats {
+        &self.stats
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        self.finish = Some(reason);
+    }
+}

@@ -1,0 +1,229 @@
+//! Block-wise parallel decoding (ALGORITHMS.md steps 1–6): open a block of [MASK] tokens after
+//! the committed ones, denoise it with forwards that see the cache and the whole block, unmask
+//! every position whose confidence reaches the threshold (at least one per step), optionally
+//! revise decoded positions, and when no mask is left run one commit forward that writes the
+//! block's keys/values. Committed blocks never change.
+
+use std::time::Instant;
+
+use sdlm_kernels::reference::select_unmask;
+
+use super::{rows, softmax, stop_ids, DecodeStats, Decoder, DecodingParams, FinishReason, Sampler};
+use crate::error::{EngineError, Result};
+use crate::model::{KvCache, Model};
+
+pub struct DiffusionDecoder<'m> {
+    model: &'m Model,
+    params: DecodingParams,
+    mask_id: u32,
+    /// Position i predicts token i + 1 (true) or itself (false).
+    shift: bool,
+    cache: KvCache,
+    /// Logits of the last committed position (used when `shift`).
+    last_logits: Vec<f32>,
+    completion: Vec<u32>,
+    block: Vec<u32>,
+    masked: Vec<bool>,
+    steps_in_block: usize,
+    edits_in_block: usize,
+    sampler: Sampler,
+    stop_ids: Vec<u32>,
+    stats: DecodeStats,
+    finish: Option<FinishReason>,
+}
+
+impl<'m> DiffusionDecoder<'m> {
+    /// Prefills the prompt as one causal prefix.
+    pub fn new(model: &'m Model, prompt: &[u32], params: &DecodingParams) -> Result<Self> {
+        let config = model.config();
+        let mask_id = config.diffusion.mask_token_id.ok_or_else(|| {
+            EngineError::Input("diffusion decoding needs the model's mask_token_id".into())
+        })?;
+        let start = Instant::now();
+        let mut cache = KvCache::new();
+        let logits = model.forward_cached(prompt, &mut cache, 1, true)?;
+        let last_logits = rows(&logits)?.pop().unwrap_or_default();
+        let stats = DecodeStats {
+            prefill_forwards: 1,
+            prefill_seconds: start.elapsed().as_secs_f64(),
+            ..DecodeStats::default()
+        };
+        Ok(Self {
+            model,
+            params: params.clone(),
+            mask_id,
+            shift: config.diffusion.logits_shift.unwrap_or(true),
+            cache,
+            last_logits,
+            completion: Vec::new(),
+            block: Vec::new(),
+            masked: Vec::new(),
+            steps_in_block: 0,
+            edits_in_block: 0,
+            sampler: Sampler::new(params),
+            stop_ids: stop_ids(model, params),
+            stats,
+            finish: None,
+        })
+    }
+
+    fn open_block(&mut self) {
+        let len = self
+            .params
+            .block_size
+            .min(self.params.max_new_tokens - self.completion.len());
+        self.block = vec![self.mask_id; len];
+        self.masked = vec![true; len];
+        self.steps_in_block = 0;
+        self.edits_in_block = 0;
+        self.stats.blocks += 1;
+    }
+
+    /// The logits row that predicts each block position.
+    fn predictions(&mut self) -> Result<Vec<Vec<f32>>> {
+        let len = self.block.len();
+        if self.shift {
+            // Block position 0 is predicted by the last committed position; a forward is needed
+            // only for the later ones.
+            let mut out = vec![self.last_logits.clone()];
+            if len > 1 {
+                let logits = self
+                    .model
+                    .forward_cached(&self.block, &mut self.cache, len, false)?;
+                self.stats.denoise_forwards += 1;
+                out.extend(rows(&logits)?.into_iter().take(len - 1));
+            }
+            Ok(out)
+        } else {
+            let logits = self
+                .model
+                .forward_cached(&self.block, &mut self.cache, len, false)?;
+            self.stats.denoise_forwards += 1;
+            rows(&logits)
+        }
+    }
+
+    /// One denoising step over the open block.
+    fn denoise(&mut self) -> Result<()> {
+        let preds = self.predictions()?;
+        let len = self.block.len();
+        let was_masked = self.masked.clone();
+        let mut picks = vec![(self.mask_id, 0f32); len];
+        for j in (0..len).filter(|&j| self.masked[j]) {
+            let p = self.sampler.pick(&preds[j], Some(self.mask_id));
+            picks[j] = (p.token, p.confidence);
+        }
+        let n_masked = self.masked.iter().filter(|&&m| m).count();
+        // With a step budget, unmask enough to finish in time; always at least one.
+        let min_unmask = match self.params.max_steps_per_block {
+            Some(budget) => n_masked.div_ceil(budget.saturating_sub(self.steps_in_block).max(1)),
+            None => 1,
+        };
+        let confidence: Vec<f32> = picks.iter().map(|p| p.1).collect();
+        let chosen = select_unmask(
+            &confidence,
+            &self.masked,
+            &[0, len as i32],
+            &[min_unmask as i32],
+            self.params.threshold,
+        )
+        .map_err(|e| EngineError::Input(e.to_string()))?;
+        for j in (0..len).filter(|&j| chosen[j]) {
+            self.block[j] = picks[j].0;
+            self.masked[j] = false;
+        }
+        if self.params.refine {
+            self.revise(&preds, &was_masked);
+        }
+        self.steps_in_block += 1;
+        self.stats.steps += 1;
+        Ok(())
+    }
+
+    /// Self-correction: a token decoded in an earlier step is replaced when the model now gives
+    /// another token probability >= edit_threshold and the current one < 1 - edit_threshold.
+    fn revise(&mut self, preds: &[Vec<f32>], was_masked: &[bool]) {
+        let tau = self.params.edit_threshold;
+        for j in 0..self.block.len() {
+            if was_masked[j] || self.edits_in_block >= self.params.max_edits() {
+                continue;
+            }
+            let probs = softmax(&preds[j], self.params.temperature);
+            let best = (0..probs.len()).filter(|&t| t as u32 != self.mask_id).fold(
+                None,
+                |b: Option<usize>, t| match b {
+                    Some(b) if probs[b] >= probs[t] => Some(b),
+                    _ => Some(t),
+                },
+            );
+            if let Some(best) = best {
+                let current = self.block[j] as usize;
+                if best != current && probs[best] >= tau && probs[current] < 1.0 - tau {
+                    self.block[j] = best as u32;
+                    self.edits_in_block += 1;
+                    self.stats.edits += 1;
+                }
+            }
+        }
+    }
+
+    /// Writes the finished block into the cache and appends it to the completion, cut at the
+    /// first stop token.
+    fn commit(&mut self) -> Result<Vec<u32>> {
+        let len = self.block.len();
+        let logits = self
+            .model
+            .forward_cached(&self.block, &mut self.cache, len, true)?;
+        self.stats.commit_forwards += 1;
+        if self.shift {
+            self.last_logits = rows(&logits)?.pop().unwrap_or_default();
+        }
+        let cut = self.block.iter().position(|t| self.stop_ids.contains(t));
+        let kept = self.block[..cut.unwrap_or(len)].to_vec();
+        self.completion.extend_from_slice(&kept);
+        if cut.is_some() {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.completion.len() >= self.params.max_new_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        self.block.clear();
+        self.masked.clear();
+        Ok(kept)
+    }
+}
+
+impl Decoder for DiffusionDecoder<'_> {
+    fn step(&mut self) -> Result<Vec<u32>> {
+        if self.finish.is_some() {
+            return Ok(Vec::new());
+        }
+        let start = Instant::now();
+        if self.block.is_empty() {
+            self.open_block();
+        }
+        self.denoise()?;
+        let committed = if self.masked.iter().any(|&m| m) {
+            Vec::new()
+        } else {
+            self.commit()?
+        };
+        self.stats.decode_seconds += start.elapsed().as_secs_f64();
+        Ok(committed)
+    }
+
+    fn finished(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    fn completion(&self) -> &[u32] {
+        &self.completion
+    }
+
+    fn stats(&self) -> &DecodeStats {
+        &self.stats
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        self.finish = Some(reason);
+    }
+}

@@ -1,0 +1,106 @@
+//! Decoding: an autoregressive decoder and a block-diffusion decoder behind one interface that
+//! advances a sequence by one step and reports the tokens it committed (ALGORITHMS.md,
+//! "Decoding"). The one idea both rest on: committed tokens never change, so only they enter the
+//! KV cache; an open diffusion block is recomputed at each step and written once, at commit.
+
+mod autoregressive;
+mod diffusion;
+mod params;
+mod sampling;
+
+pub use autoregressive::AutoregressiveDecoder;
+pub use diffusion::DiffusionDecoder;
+pub use params::{DecodingParams, Mode, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
+pub use sampling::{softmax, Pick, Sampler};
+
+use crate::error::{EngineError, Result};
+use crate::model::Model;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// max_new_tokens reached.
+    Length,
+    /// An end-of-sequence or stop token was decoded (it is not part of the completion).
+    Stop,
+    /// A stop string appeared in the text (the caller cuts the text before it).
+    StopString,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+            FinishReason::StopString => "stop_string",
+        }
+    }
+}
+
+/// Counters every decode reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecodeStats {
+    pub prefill_forwards: usize,
+    pub denoise_forwards: usize,
+    pub commit_forwards: usize,
+    /// Denoising steps (diffusion), or tokens sampled (AR).
+    pub steps: usize,
+    pub blocks: usize,
+    pub edits: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl DecodeStats {
+    pub fn forward_passes(&self) -> usize {
+        self.prefill_forwards + self.denoise_forwards + self.commit_forwards
+    }
+}
+
+pub trait Decoder {
+    /// Advances the sequence by one step; returns the tokens this step committed (often none
+    /// for diffusion until a block completes). Does nothing once finished.
+    fn step(&mut self) -> Result<Vec<u32>>;
+    fn finished(&self) -> Option<FinishReason>;
+    fn completion(&self) -> &[u32];
+    fn stats(&self) -> &DecodeStats;
+    /// Ends the generation early (a stop string, a cancelled request).
+    fn finish(&mut self, reason: FinishReason);
+}
+
+/// The decoder `params` ask for. Autoregressive decoding of a model whose positions predict
+/// themselves (logits_shift = false) is diffusion with blocks of one token.
+pub fn decoder_for<'m>(
+    model: &'m Model,
+    prompt: &[u32],
+    params: &DecodingParams,
+) -> Result<Box<dyn Decoder + 'm>> {
+    params
+        .validate(model.config(), prompt.len())
+        .map_err(EngineError::Input)?;
+    let shift = model.config().diffusion.logits_shift.unwrap_or(true);
+    Ok(match params.mode {
+        Mode::Autoregressive if shift => {
+            Box::new(AutoregressiveDecoder::new(model, prompt, params)?)
+        }
+        Mode::Autoregressive => {
+            let p = DecodingParams {
+                block_size: 1,
+                ..params.clone()
+            };
+            Box::new(DiffusionDecoder::new(model, prompt, &p)?)
+        }
+        Mode::Diffusion => Box::new(DiffusionDecoder::new(model, prompt, params)?),
+    })
+}
+
+/// Token ids that end a generation: the params' and the model's end-of-sequence ids.
+pub(crate) fn stop_ids(model: &Model, params: &DecodingParams) -> Vec<u32> {
+    let mut ids = params.stop_token_ids.clone();
+    ids.extend(model.config().eos_token_ids.iter().copied());
+    ids
+}
+
+/// One row of a `[n, vocab]` logits tensor as a Vec.
+pub(crate) fn rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(logits.to_vec2::<f32>()?)
+}

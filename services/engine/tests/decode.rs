@@ -1,0 +1,318 @@
+//! Decoding against references that share none of its caching: transformers' greedy generate,
+//! and decoders that recompute the whole sequence without a cache at every step.
+
+mod common;
+
+use common::{expected, fixture, logits};
+use sdlm_engine::decode::{decoder_for, DecodingParams, FinishReason, Mode, Sampler};
+use sdlm_engine::{load_model, DType, Device, DiffusionConfig, MaskRule, Model};
+use sdlm_kernels::reference::select_unmask;
+
+const MASK: u32 = 127;
+
+fn model(name: &str, shift: bool) -> Model {
+    load_model(&fixture(name), &Device::Cpu, DType::F32)
+        .unwrap()
+        .with_diffusion(DiffusionConfig {
+            block_size: Some(4),
+            mask_token_id: Some(MASK),
+            logits_shift: Some(shift),
+        })
+}
+
+fn run(
+    model: &Model,
+    prompt: &[u32],
+    params: &DecodingParams,
+) -> (Vec<u32>, sdlm_engine::decode::DecodeStats, FinishReason) {
+    let mut d = decoder_for(model, prompt, params).unwrap();
+    while d.finished().is_none() {
+        d.step().unwrap();
+    }
+    (
+        d.completion().to_vec(),
+        d.stats().clone(),
+        d.finished().unwrap(),
+    )
+}
+
+/// AR by recomputing the whole sequence each step (causal mask, no cache).
+fn reference_ar(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    let mut sampler = Sampler::new(&DecodingParams::default());
+    for _ in 0..n {
+        let rows = logits(model, &seq, MaskRule::Causal)
+            .to_vec2::<f32>()
+            .unwrap();
+        seq.push(sampler.pick(&rows[seq.len() - 1], Some(MASK)).token);
+    }
+    seq[prompt.len()..].to_vec()
+}
+
+/// Block diffusion by recomputing prompt + committed blocks + the open block each step, with the
+/// block-causal mask over the whole sequence.
+fn reference_diffusion(model: &Model, prompt: &[u32], p: &DecodingParams, shift: bool) -> Vec<u32> {
+    let mut done: Vec<u32> = Vec::new();
+    let mut sampler = Sampler::new(p);
+    while done.len() < p.max_new_tokens {
+        let len = p.block_size.min(p.max_new_tokens - done.len());
+        let mut block = vec![MASK; len];
+        let mut masked = vec![true; len];
+        while masked.iter().any(|&m| m) {
+            let seq: Vec<u32> = prompt.iter().chain(&done).chain(&block).copied().collect();
+            let rule = MaskRule::BlockCausal {
+                prefix: prompt.len(),
+                block: p.block_size,
+            };
+            let rows = logits(model, &seq, rule).to_vec2::<f32>().unwrap();
+            let start = prompt.len() + done.len();
+            let mut picks = vec![(MASK, 0f32); len];
+            for j in (0..len).filter(|&j| masked[j]) {
+                let row = if shift {
+                    &rows[start + j - 1]
+                } else {
+                    &rows[start + j]
+                };
+                let pick = sampler.pick(row, Some(MASK));
+                picks[j] = (pick.token, pick.confidence);
+            }
+            let conf: Vec<f32> = picks.iter().map(|x| x.1).collect();
+            let chosen =
+                select_unmask(&conf, &masked, &[0, len as i32], &[1], p.threshold).unwrap();
+            for j in (0..len).filter(|&j| chosen[j]) {
+                block[j] = picks[j].0;
+                masked[j] = false;
+            }
+        }
+        done.extend(block);
+    }
+    done
+}
+
+const PROMPT: &[u32] = &[5, 77, 31, 100, 9]; // 5 tokens: not a multiple of any block size used
+
+#[test]
+fn ar_greedy_equals_transformers_generate() {
+    for name in ["qwen2-tied-bf16", "qwen3-headdim-f16"] {
+        let m = load_model(&fixture(name), &Device::Cpu, DType::F32).unwrap();
+        let (_, want) = expected(&format!("{name}/expected.safetensors"));
+        let greedy: Vec<u32> = want["greedy_ids"]
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let (prompt, new) = greedy.split_at(5);
+        let params = DecodingParams {
+            max_new_tokens: new.len(),
+            ..DecodingParams::default()
+        };
+        let (got, stats, _) = run(&m, prompt, &params);
+        assert_eq!(got, new, "{name}");
+        assert_eq!(
+            stats.forward_passes(),
+            new.len(),
+            "{name}: prefill + one per token but the last"
+        );
+    }
+}
+
+#[test]
+fn cached_ar_equals_recomputing_the_sequence() {
+    let m = model("qwen3-headdim-f16", true);
+    let params = DecodingParams {
+        max_new_tokens: 20,
+        ..DecodingParams::default()
+    };
+    assert_eq!(run(&m, PROMPT, &params).0, reference_ar(&m, PROMPT, 20));
+}
+
+#[test]
+fn cached_diffusion_equals_recomputing_the_sequence() {
+    for shift in [false, true] {
+        for block_size in [1, 4, 32] {
+            for threshold in [0.9, 0.02] {
+                let m = model("qwen2-tied-bf16", shift);
+                let p = DecodingParams {
+                    mode: Mode::Diffusion,
+                    block_size,
+                    threshold,
+                    max_new_tokens: 37,
+                    ..DecodingParams::default()
+                };
+                let (got, _, _) = run(&m, PROMPT, &p);
+                let want = reference_diffusion(&m, PROMPT, &p, shift);
+                assert_eq!(got, want, "shift {shift}, B {block_size}, τ {threshold}");
+            }
+        }
+    }
+}
+
+#[test]
+fn diffusion_with_block_one_equals_autoregressive() {
+    let m = model("llama-sharded-f32", true);
+    let ar = DecodingParams {
+        max_new_tokens: 24,
+        ..DecodingParams::default()
+    };
+    let diff = DecodingParams {
+        mode: Mode::Diffusion,
+        block_size: 1,
+        ..ar.clone()
+    };
+    let (a, sa, _) = run(&m, PROMPT, &ar);
+    let (d, sd, _) = run(&m, PROMPT, &diff);
+    assert_eq!(a, d);
+    // Block size one costs what AR costs: one forward per token (plus the prefill).
+    assert_eq!(
+        sd.forward_passes(),
+        sa.forward_passes() + 1,
+        "{sa:?} {sd:?}"
+    );
+}
+
+#[test]
+fn threshold_above_every_confidence_commits_one_token_per_step() {
+    let m = model("qwen2-tied-bf16", false);
+    let p = DecodingParams {
+        mode: Mode::Diffusion,
+        block_size: 8,
+        threshold: 1.0,
+        max_new_tokens: 24,
+        ..DecodingParams::default()
+    };
+    let (tokens, s, _) = run(&m, PROMPT, &p);
+    assert_eq!(tokens.len(), 24);
+    assert_eq!(s.steps, 24);
+    assert_eq!(
+        (s.prefill_forwards, s.denoise_forwards, s.commit_forwards),
+        (1, 24, 3)
+    );
+}
+
+#[test]
+fn tiny_threshold_commits_each_block_in_one_step() {
+    let m = model("qwen2-tied-bf16", false);
+    let p = DecodingParams {
+        mode: Mode::Diffusion,
+        block_size: 8,
+        threshold: 1e-9,
+        max_new_tokens: 24,
+        ..DecodingParams::default()
+    };
+    let (tokens, s, _) = run(&m, PROMPT, &p);
+    assert_eq!(tokens.len(), 24);
+    assert_eq!((s.steps, s.blocks), (3, 3));
+    assert_eq!(s.forward_passes(), 1 + 3 * 2);
+}
+
+#[test]
+fn max_new_tokens_inside_a_block_is_respected() {
+    let m = model("qwen2-tied-bf16", false);
+    let p = DecodingParams {
+        mode: Mode::Diffusion,
+        block_size: 8,
+        threshold: 0.5,
+        max_new_tokens: 13,
+        ..DecodingParams::default()
+    };
+    let (tokens, s, finish) = run(&m, PROMPT, &p);
+    assert_eq!(
+        (tokens.len(), s.blocks, finish),
+        (13, 2, FinishReason::Length)
+    );
+}
+
+#[test]
+fn a_stop_token_truncates_the_completion() {
+    for mode in [Mode::Autoregressive, Mode::Diffusion] {
+        let m = model("qwen2-tied-bf16", true);
+        let p = DecodingParams {
+            mode,
+            block_size: 4,
+            max_new_tokens: 30,
+            ..DecodingParams::default()
+        };
+        let (full, _, _) = run(&m, PROMPT, &p);
+        // A token whose first occurrence is not at the start.
+        let k = (1..full.len())
+            .find(|&k| !full[..k].contains(&full[k]))
+            .unwrap();
+        let stop = DecodingParams {
+            stop_token_ids: vec![full[k]],
+            ..p
+        };
+        let (cut, _, finish) = run(&m, PROMPT, &stop);
+        assert_eq!(cut, full[..k], "{mode:?}");
+        assert_eq!(finish, FinishReason::Stop);
+    }
+}
+
+#[test]
+fn self_correction_revises_decoded_tokens_within_its_budget() {
+    let m = model("qwen2-tied-bf16", false);
+    // One token per step, and an edit rule that accepts any disagreement, so positions decoded
+    // early are re-predicted with more of the block decoded and get revised.
+    let p = DecodingParams {
+        mode: Mode::Diffusion,
+        block_size: 16,
+        threshold: 1.0,
+        max_new_tokens: 16,
+        refine: true,
+        edit_threshold: 1e-6,
+        max_edits_per_block: Some(2),
+        ..DecodingParams::default()
+    };
+    let (_, s, _) = run(&m, PROMPT, &p);
+    assert!(s.edits >= 1, "no edit made: {s:?}");
+    assert!(s.edits <= 2, "over the budget: {s:?}");
+}
+
+#[test]
+fn bad_parameters_name_the_field_and_the_limit() {
+    let m = model("qwen2-tied-bf16", false);
+    let cases = [
+        (
+            DecodingParams {
+                block_size: 0,
+                ..DecodingParams::default()
+            },
+            "block_size",
+        ),
+        (
+            DecodingParams {
+                threshold: 0.0,
+                ..DecodingParams::default()
+            },
+            "threshold",
+        ),
+        (
+            DecodingParams {
+                max_new_tokens: 0,
+                ..DecodingParams::default()
+            },
+            "max_new_tokens",
+        ),
+        (
+            DecodingParams {
+                max_new_tokens: 60,
+                ..DecodingParams::default()
+            },
+            "context of 64",
+        ),
+        (
+            DecodingParams {
+                top_p: 1.5,
+                ..DecodingParams::default()
+            },
+            "top_p",
+        ),
+    ];
+    for (p, want) in cases {
+        let err = decoder_for(&m, PROMPT, &p)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
