@@ -1,0 +1,119 @@
+//! `sdlm generate` as a user runs it: the real binary on a fixture model.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn sdlm(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdlm"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sdlm runs");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn last_json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn json_reports_the_completion_and_its_counters() {
+    let model = fixture("llama-sharded-f32");
+    let out = sdlm(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--json",
+            "def f(x):",
+        ],
+        None,
+    );
+    let j = last_json(&out);
+    assert_eq!(j["tokens"], 12);
+    assert_eq!(j["finish_reason"], "length");
+    assert_eq!(j["mode"], "autoregressive");
+    assert_eq!(j["forward_passes"], 12);
+    assert!(j["elapsed_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn prompt_from_standard_input_matches_the_argument() {
+    let model = fixture("llama-sharded-f32");
+    let m = model.to_str().unwrap();
+    let a = last_json(&sdlm(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "def f(x):",
+        ],
+        None,
+    ));
+    let b = last_json(&sdlm(
+        &["generate", "--model", m, "--max-new-tokens", "8", "--json"],
+        Some("def f(x):"),
+    ));
+    assert_eq!(a["text"], b["text"]);
+}
+
+#[test]
+fn bad_parameters_are_named() {
+    let model = fixture("llama-sharded-f32");
+    let out = sdlm(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--threshold",
+            "0",
+            "x",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("threshold"));
+    let out = sdlm(&["generate", "--model", model.to_str().unwrap(), "x"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context of 64"));
+    let out = sdlm(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--mode",
+            "diffusion",
+            "x",
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mask_token_id"));
+}
