@@ -109,6 +109,8 @@ fn bad_parameters_are_named() {
             "generate",
             "--model",
             model.to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
             "--mode",
             "diffusion",
             "x",
