@@ -15,22 +15,32 @@ const DEQUANTIZE_ABOVE_ROWS: usize = 8;
 pub(crate) enum Proj {
     Dense(Linear),
     Quantized {
-        weight: candle_core::quantized::QMatMul,
+        weight: QMatMul,
         /// The f32 weight, made on first use by a many-row input.
         dense: std::sync::OnceLock<Tensor>,
-        qtensor: std::sync::Arc<candle_core::quantized::QTensor>,
+        qtensor: std::sync::Arc<QTensor>,
         bias: Option<Tensor>,
     },
 }
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+
+/// Formats whose dot products candle runs without SIMD (scalar code, several times slower on
+/// x86): the few-row path multiplies by a Q8_0 copy instead, which has an AVX2 path; scoring and
+/// prefill windows still use the exact dequantized weights.
+const SLOW_DOT_FORMATS: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
+
 impl Proj {
-    pub(crate) fn quantized(
-        qtensor: candle_core::quantized::QTensor,
-        bias: Option<Tensor>,
-    ) -> Result<Self> {
+    pub(crate) fn quantized(qtensor: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let qtensor = std::sync::Arc::new(qtensor);
+        let few_rows = if SLOW_DOT_FORMATS.contains(&qtensor.dtype()) {
+            let dense = qtensor.dequantize(&candle_core::Device::Cpu)?;
+            std::sync::Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
+        } else {
+            qtensor.clone()
+        };
         Ok(Proj::Quantized {
-            weight: candle_core::quantized::QMatMul::from_arc(qtensor.clone())?,
+            weight: QMatMul::from_arc(few_rows)?,
             dense: std::sync::OnceLock::new(),
             qtensor,
             bias,
