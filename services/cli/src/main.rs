@@ -1,6 +1,8 @@
 //! sdlm: the one user-facing binary.
 
+mod bench;
 mod generate;
+mod parse_rate;
 mod perplexity;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Autoregressive vs diffusion decoding of one model on a prompt file.
+    Bench(bench::Args),
     /// Complete a prompt (block diffusion or autoregressive).
     Generate(generate::Args),
     /// Teacher-forced scoring of a text file.
@@ -26,6 +30,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
     }

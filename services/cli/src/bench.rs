@@ -1,0 +1,282 @@
+//! `sdlm bench`: autoregressive and diffusion decoding of the same model on the same prompts in
+//! one process, every configuration in turn, then the time of one forward over n tokens next to
+//! this machine's floor for it. A benchmark prints measurements; it asserts nothing.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use sdlm_engine::decode::{decoder_for, DecodingParams, Mode};
+use sdlm_engine::{open_model, Device, KvCache, Model, ModelConfig};
+
+use crate::parse_rate::{first_definition, parses};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, env = "SDLM_MODEL")]
+    model: PathBuf,
+    /// JSON lines, each with a "prompt" string.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Modes to run (default: autoregressive, and diffusion when the model has a mask token).
+    #[arg(long, value_delimiter = ',')]
+    mode: Vec<Mode>,
+    #[arg(long, value_delimiter = ',', default_value = "4,8,32")]
+    block_size: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "0.9")]
+    threshold: Vec<f32>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// One JSON object per configuration instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Row {
+    mode: Mode,
+    block_size: usize,
+    threshold: f32,
+    tokens: usize,
+    forwards: usize,
+    steps: usize,
+    seconds: f64,
+    parsed: usize,
+    prompts: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (model, tokenizer) = open_model(&args.model, &Device::Cpu)?;
+    let text = std::fs::read_to_string(&args.prompts)
+        .with_context(|| format!("{}: cannot read", args.prompts.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", args.prompts.display(), i + 1))?;
+        match v.get("prompt").and_then(|p| p.as_str()) {
+            Some(p) => prompts.push(p.to_string()),
+            None => bail!("{}:{}: no \"prompt\" string", args.prompts.display(), i + 1),
+        }
+    }
+    prompts.truncate(args.limit.unwrap_or(usize::MAX));
+    if prompts.is_empty() {
+        bail!("{}: no prompts", args.prompts.display());
+    }
+    let has_mask = model.config().diffusion.mask_token_id.is_some();
+    let modes = if args.mode.is_empty() {
+        if has_mask {
+            vec![Mode::Autoregressive, Mode::Diffusion]
+        } else {
+            vec![Mode::Autoregressive]
+        }
+    } else {
+        args.mode.clone()
+    };
+    let mut configs = Vec::new();
+    for &mode in &modes {
+        match mode {
+            Mode::Autoregressive => configs.push((mode, 1, 1.0)),
+            Mode::Diffusion => {
+                for &b in &args.block_size {
+                    for &t in &args.threshold {
+                        configs.push((mode, b, t));
+                    }
+                }
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (mode, block_size, threshold) in configs {
+        let params = DecodingParams {
+            mode,
+            block_size,
+            threshold,
+            max_new_tokens: args.max_new_tokens,
+            ..DecodingParams::for_model(model.config())
+        };
+        let mut row = Row {
+            mode,
+            block_size,
+            threshold,
+            tokens: 0,
+            forwards: 0,
+            steps: 0,
+            seconds: 0.0,
+            parsed: 0,
+            prompts: prompts.len(),
+        };
+        for prompt in &prompts {
+            let ids = tokenizer
+                .encode(prompt.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))?;
+            let mut d = decoder_for(&model, ids.get_ids(), &params)?;
+            while d.finished().is_none() {
+                d.step()?;
+            }
+            let s = d.stats();
+            row.tokens += d.completion().len();
+            row.forwards += s.forward_passes();
+            row.steps += s.steps;
+            row.seconds += s.prefill_seconds + s.decode_seconds;
+            let completion = tokenizer
+                .decode(d.completion(), true)
+                .map_err(|e| anyhow::anyhow!("detokenizing: {e}"))?;
+            row.parsed += parses(&first_definition(prompt, &completion)) as usize;
+        }
+        rows.push(row);
+    }
+    report(&args, &model, &rows)?;
+    forward_floor(&model, &args.model)
+}
+
+fn report(args: &Args, model: &Model, rows: &[Row]) -> anyhow::Result<()> {
+    let ar_tps = rows
+        .iter()
+        .find(|r| r.mode == Mode::Autoregressive)
+        .map(|r| r.tokens as f64 / r.seconds.max(1e-9));
+    if !args.json {
+        println!(
+            "model {} ({} layers, hidden {}), {} prompts, max_new_tokens {}, CPU, {} threads, concurrency 1",
+            args.model.display(),
+            model.config().num_hidden_layers,
+            model.config().hidden_size,
+            rows.first().map_or(0, |r| r.prompts),
+            args.max_new_tokens,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        );
+        println!(
+            "{:<15} {:>5} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>7}",
+            "mode", "block", "tau", "tokens/s", "vs AR", "tok/fwd", "forwards", "steps", "parse"
+        );
+    }
+    for r in rows {
+        let tps = r.tokens as f64 / r.seconds.max(1e-9);
+        let tpf = r.tokens as f64 / r.forwards.max(1) as f64;
+        let parse_rate = r.parsed as f64 / r.prompts.max(1) as f64;
+        let mode = format!("{:?}", r.mode).to_lowercase();
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "mode": mode, "block_size": r.block_size, "threshold": r.threshold, "concurrency": 1,
+                    "tokens_per_second": tps, "tokens_per_forward": tpf, "forward_passes": r.forwards,
+                    "steps": r.steps, "tokens": r.tokens, "parse_rate": parse_rate,
+                    "speedup_vs_autoregressive": ar_tps.map(|a| tps / a),
+                })
+            );
+        } else {
+            let vs = ar_tps.map_or("-".to_string(), |a| format!("{:.2}x", tps / a));
+            println!(
+                "{:<15} {:>5} {:>6} {:>9.1} {:>8} {:>9.2} {:>8} {:>10} {:>6.0}%",
+                mode,
+                r.block_size,
+                r.threshold,
+                tps,
+                vs,
+                tpf,
+                r.forwards,
+                r.steps,
+                100.0 * parse_rate
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Parameters of a decoder of this shape (embedding, layers, final norm, untied head).
+fn parameters(c: &ModelConfig) -> f64 {
+    let (h, i, d) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.head_dim as f64,
+    );
+    let (heads, kv) = (c.num_attention_heads as f64, c.num_key_value_heads as f64);
+    let attn = h * heads * d * 2.0 + h * kv * d * 2.0;
+    let layer = attn + 3.0 * h * i + 2.0 * h;
+    let head = if c.tie_word_embeddings {
+        0.0
+    } else {
+        h * c.vocab_size as f64
+    };
+    c.vocab_size as f64 * h + c.num_hidden_layers as f64 * layer + h + head
+}
+
+/// One forward over n tokens against the floor: the slower of reading every weight byte once
+/// at the measured copy bandwidth and 2 x params x n FLOPs at the measured f32 matmul rate.
+fn forward_floor(model: &Model, path: &std::path::Path) -> anyhow::Result<()> {
+    let flops = measure_matmul_flops()?;
+    let bandwidth = measure_copy_bandwidth()?;
+    let params = parameters(model.config());
+    let weight_bytes = if path.is_file() {
+        std::fs::metadata(path)?.len() as f64
+    } else {
+        params * 4.0
+    };
+    println!(
+        "forward over n tokens (measured here: f32 matmul {:.1} GFLOP/s, copy {:.1} GB/s; {:.0}M parameters, {:.0} MB of weights)",
+        flops / 1e9,
+        bandwidth / 1e9,
+        params / 1e6,
+        weight_bytes / 1e6
+    );
+    println!(
+        "{:>5} {:>10} {:>10} {:>8}",
+        "n", "ms", "floor ms", "x floor"
+    );
+    let context = model.config().max_position_embeddings;
+    for n in [1usize, 8, 32, 128].into_iter().filter(|&n| n <= context) {
+        let tokens: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 7 + 3) % model.config().vocab_size as u32)
+            .collect();
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let mut cache = KvCache::new();
+            let start = Instant::now();
+            model.forward_cached(&tokens, &mut cache, n, false)?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        let floor = (weight_bytes / bandwidth).max(2.0 * params * n as f64 / flops);
+        println!(
+            "{:>5} {:>10.2} {:>10.2} {:>8.1}",
+            n,
+            t * 1e3,
+            floor * 1e3,
+            t / floor
+        );
+    }
+    Ok(())
+}
+
+fn measure_matmul_flops() -> anyhow::Result<f64> {
+    let n = 1024;
+    let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    a.matmul(&b)?; // warm-up
+    let start = Instant::now();
+    let reps = 5;
+    for _ in 0..reps {
+        a.matmul(&b)?;
+    }
+    Ok(2.0 * (n * n * n * reps) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn measure_copy_bandwidth() -> anyhow::Result<f64> {
+    let src = vec![1u8; 256 << 20];
+    let mut dst = vec![0u8; 256 << 20];
+    dst.copy_from_slice(&src); // fault the pages in
+    let start = Instant::now();
+    let reps = 4;
+    for _ in 0..reps {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+    }
+    Ok(2.0 * (src.len() * reps) as f64 / start.elapsed().as_secs_f64())
+}
