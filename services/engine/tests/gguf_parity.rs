@@ -6,7 +6,7 @@
 mod common;
 
 use common::{expected, fixture, fixture_rule, logits, max_abs_diff};
-use sdlm_engine::{open_model, Device, MaskRule};
+use sdlm_engine::{open_model, Device, KvCache, MaskRule, Tensor};
 
 #[test]
 fn llama_f32_gguf_with_permuted_qk_matches_transformers() {
@@ -37,13 +37,23 @@ fn qwen2_q8_0_gguf_matches_transformers_on_its_dequantized_weights() {
     );
     eprintln!("qwen2 q8_0 gguf, 16 rows: max |Δlogit| = {diff:e}");
     assert!(diff <= 1e-4, "{diff}");
-    // 4 rows: candle's quantized dot products (activations rounded to 8 bits, as llama.cpp does).
-    // 4 rows: candle's quantized dot products, which round activations to Q8_0 as llama.cpp
-    // does; the reference is transformers with every projection input rounded the same way.
-    let few = logits(&model, &ids[..4], MaskRule::Causal);
-    let diff = max_abs_diff(&few, &want["q8_activation_logits"]);
-    eprintln!("qwen2 q8_0 gguf, 4 rows: max |Δlogit| = {diff:e}");
-    assert!(diff <= 1e-4, "{diff}");
+    // One row at a time (AR decoding over the cache): candle's quantized dot products, which
+    // round activations to Q8_0 as llama.cpp does; the reference is transformers with every
+    // projection input rounded the same way.
+    let mut cache = KvCache::new();
+    let want_few = want["q8_activation_logits"].to_vec2::<f32>().unwrap();
+    for (i, row) in want_few.iter().enumerate() {
+        let got = model
+            .forward_cached(&ids[i..i + 1], &mut cache, 1, true)
+            .unwrap();
+        let want_row = Tensor::new(row.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let diff = max_abs_diff(&got, &want_row);
+        eprintln!("qwen2 q8_0 gguf, token {i} alone: max |Δlogit| = {diff:e}");
+        assert!(diff <= 1e-4, "token {i}: {diff}");
+    }
 }
 
 #[test]
