@@ -119,3 +119,47 @@ fn bad_parameters_are_named() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("mask_token_id"));
 }
+
+#[test]
+fn a_stop_string_cuts_the_text_before_it() {
+    let model = fixture("llama-sharded-f32");
+    let m = model.to_str().unwrap();
+    let full = last_json(&sdlm(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--max-new-tokens",
+            "24",
+            "--json",
+            "def f(x):",
+        ],
+        None,
+    ));
+    let text = full["text"].as_str().unwrap().to_string();
+    // A two-character piece whose first occurrence is past the start.
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = (2..chars.len() - 1)
+        .map(|k| chars[k..k + 2].iter().collect::<String>())
+        .find(|s: &String| text.find(s.as_str()).is_some_and(|i| i > 0))
+        .expect("a repeated-free piece");
+    let cut = last_json(&sdlm(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--max-new-tokens",
+            "24",
+            "--json",
+            "--stop",
+            &stop,
+            "def f(x):",
+        ],
+        None,
+    ));
+    assert_eq!(
+        cut["text"].as_str().unwrap(),
+        &text[..text.find(stop.as_str()).unwrap()]
+    );
+    assert_eq!(cut["finish_reason"], "stop_string");
+}

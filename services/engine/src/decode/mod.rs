@@ -100,7 +100,7 @@ pub(crate) fn stop_ids(model: &Model, params: &DecodingParams) -> Vec<u32> {
     ids
 }
 
-/// One row of a `[n, vocab]` logits tensor as a Vec.
+/// The rows of a `[n, vocab]` logits tensor.
 pub(crate) fn rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_vec2::<f32>()?)
 }
