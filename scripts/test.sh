@@ -11,6 +11,9 @@ kernels/check-cuda-compile.sh
 root=$(scripts/install-cuda-toolchain.sh)
 PATH="$root/bin:$PATH" CUDA_HOME="$root" cargo test -p sdlm-kernels --features cuda --no-run
 
+# sdlm against llama.cpp on SmolLM2 (downloads 92 MB once; builds llama-cpp-python once, ~6 min).
+scripts/check-llama-cpp.sh
+
 # Every test of the workspace; the last line totals them (cargo's own last line is often a
 # doc-test run with nothing in it).
 log=$(mktemp)
