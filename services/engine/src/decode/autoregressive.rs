@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use super::{rows, stop_ids, DecodeStats, Decoder, DecodingParams, FinishReason, Sampler};
+use super::{
+    rows, stop_ids, DecodeStats, Decoder, DecodingParams, FinishReason, Progress, Sampler,
+};
 use crate::error::Result;
 use crate::model::{KvCache, Model};
 
@@ -11,13 +13,11 @@ pub struct AutoregressiveDecoder<'m> {
     model: &'m Model,
     cache: KvCache,
     last_logits: Vec<f32>,
-    completion: Vec<u32>,
     max_new_tokens: usize,
     sampler: Sampler,
     stop_ids: Vec<u32>,
     banned: Option<u32>,
-    stats: DecodeStats,
-    finish: Option<FinishReason>,
+    progress: Progress,
 }
 
 impl<'m> AutoregressiveDecoder<'m> {
@@ -36,56 +36,49 @@ impl<'m> AutoregressiveDecoder<'m> {
             model,
             cache,
             last_logits,
-            completion: Vec::new(),
             max_new_tokens: params.max_new_tokens,
             sampler: Sampler::new(params),
             stop_ids: stop_ids(model, params),
             banned: model.config().diffusion.mask_token_id,
-            stats,
-            finish: None,
+            progress: Progress {
+                stats,
+                ..Progress::default()
+            },
         })
     }
 }
 
 impl Decoder for AutoregressiveDecoder<'_> {
     fn step(&mut self) -> Result<Vec<u32>> {
-        if self.finish.is_some() {
+        if self.progress.finish.is_some() {
             return Ok(Vec::new());
         }
         let start = Instant::now();
         let token = self.sampler.pick(&self.last_logits, self.banned).token;
-        self.stats.steps += 1;
+        self.progress.stats.steps += 1;
         if self.stop_ids.contains(&token) {
-            self.finish = Some(FinishReason::Stop);
+            self.progress.finish = Some(FinishReason::Stop);
             return Ok(Vec::new());
         }
-        self.completion.push(token);
-        if self.completion.len() >= self.max_new_tokens {
-            self.finish = Some(FinishReason::Length);
+        self.progress.completion.push(token);
+        if self.progress.completion.len() >= self.max_new_tokens {
+            self.progress.finish = Some(FinishReason::Length);
         } else {
             let logits = self
                 .model
                 .forward_cached(&[token], &mut self.cache, 1, true)?;
-            self.stats.commit_forwards += 1;
+            self.progress.stats.commit_forwards += 1;
             self.last_logits = rows(&logits)?.pop().unwrap_or_default();
         }
-        self.stats.decode_seconds += start.elapsed().as_secs_f64();
+        self.progress.stats.decode_seconds += start.elapsed().as_secs_f64();
         Ok(vec![token])
     }
 
-    fn finished(&self) -> Option<FinishReason> {
-        self.finish
+    fn progress(&self) -> &Progress {
+        &self.progress
     }
 
-    fn completion(&self) -> &[u32] {
-        &self.completion
-    }
-
-    fn stats(&self) -> &DecodeStats {
-        &self.stats
-    }
-
-    fn finish(&mut self, reason: FinishReason) {
-        self.finish = Some(reason);
+    fn progress_mut(&mut self) -> &mut Progress {
+        &mut self.progress
     }
 }

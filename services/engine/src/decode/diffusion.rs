@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use sdlm_kernels::reference::select_unmask;
 
-use super::{rows, softmax, stop_ids, DecodeStats, Decoder, DecodingParams, FinishReason, Sampler};
+use super::{
+    rows, softmax, stop_ids, DecodeStats, Decoder, DecodingParams, FinishReason, Progress, Sampler,
+};
 use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Model};
 
@@ -21,15 +23,13 @@ pub struct DiffusionDecoder<'m> {
     cache: KvCache,
     /// Logits of the last committed position (used when `shift`).
     last_logits: Vec<f32>,
-    completion: Vec<u32>,
     block: Vec<u32>,
     masked: Vec<bool>,
     steps_in_block: usize,
     edits_in_block: usize,
     sampler: Sampler,
     stop_ids: Vec<u32>,
-    stats: DecodeStats,
-    finish: Option<FinishReason>,
+    progress: Progress,
 }
 
 impl<'m> DiffusionDecoder<'m> {
@@ -55,15 +55,16 @@ impl<'m> DiffusionDecoder<'m> {
             shift: config.diffusion.logits_shift.unwrap_or(true),
             cache,
             last_logits,
-            completion: Vec::new(),
             block: Vec::new(),
             masked: Vec::new(),
             steps_in_block: 0,
             edits_in_block: 0,
             sampler: Sampler::new(params),
             stop_ids: stop_ids(model, params),
-            stats,
-            finish: None,
+            progress: Progress {
+                stats,
+                ..Progress::default()
+            },
         })
     }
 
@@ -71,12 +72,12 @@ impl<'m> DiffusionDecoder<'m> {
         let len = self
             .params
             .block_size
-            .min(self.params.max_new_tokens - self.completion.len());
+            .min(self.params.max_new_tokens - self.progress.completion.len());
         self.block = vec![self.mask_id; len];
         self.masked = vec![true; len];
         self.steps_in_block = 0;
         self.edits_in_block = 0;
-        self.stats.blocks += 1;
+        self.progress.stats.blocks += 1;
     }
 
     /// The logits row that predicts each block position.
@@ -90,7 +91,7 @@ impl<'m> DiffusionDecoder<'m> {
                 let logits = self
                     .model
                     .forward_cached(&self.block, &mut self.cache, len, false)?;
-                self.stats.denoise_forwards += 1;
+                self.progress.stats.denoise_forwards += 1;
                 out.extend(rows(&logits)?.into_iter().take(len - 1));
             }
             Ok(out)
@@ -98,7 +99,7 @@ impl<'m> DiffusionDecoder<'m> {
             let logits = self
                 .model
                 .forward_cached(&self.block, &mut self.cache, len, false)?;
-            self.stats.denoise_forwards += 1;
+            self.progress.stats.denoise_forwards += 1;
             rows(&logits)
         }
     }
@@ -136,7 +137,7 @@ impl<'m> DiffusionDecoder<'m> {
             self.revise(&preds, &was_masked);
         }
         self.steps_in_block += 1;
-        self.stats.steps += 1;
+        self.progress.stats.steps += 1;
         Ok(())
     }
 
@@ -161,7 +162,7 @@ impl<'m> DiffusionDecoder<'m> {
                 if best != current && probs[best] >= tau && probs[current] < 1.0 - tau {
                     self.block[j] = best as u32;
                     self.edits_in_block += 1;
-                    self.stats.edits += 1;
+                    self.progress.stats.edits += 1;
                 }
             }
         }
@@ -174,17 +175,17 @@ impl<'m> DiffusionDecoder<'m> {
         let logits = self
             .model
             .forward_cached(&self.block, &mut self.cache, len, true)?;
-        self.stats.commit_forwards += 1;
+        self.progress.stats.commit_forwards += 1;
         if self.shift {
             self.last_logits = rows(&logits)?.pop().unwrap_or_default();
         }
         let cut = self.block.iter().position(|t| self.stop_ids.contains(t));
         let kept = self.block[..cut.unwrap_or(len)].to_vec();
-        self.completion.extend_from_slice(&kept);
+        self.progress.completion.extend_from_slice(&kept);
         if cut.is_some() {
-            self.finish = Some(FinishReason::Stop);
-        } else if self.completion.len() >= self.params.max_new_tokens {
-            self.finish = Some(FinishReason::Length);
+            self.progress.finish = Some(FinishReason::Stop);
+        } else if self.progress.completion.len() >= self.params.max_new_tokens {
+            self.progress.finish = Some(FinishReason::Length);
         }
         self.block.clear();
         self.masked.clear();
@@ -194,7 +195,7 @@ impl<'m> DiffusionDecoder<'m> {
 
 impl Decoder for DiffusionDecoder<'_> {
     fn step(&mut self) -> Result<Vec<u32>> {
-        if self.finish.is_some() {
+        if self.progress.finish.is_some() {
             return Ok(Vec::new());
         }
         let start = Instant::now();
@@ -207,23 +208,15 @@ impl Decoder for DiffusionDecoder<'_> {
         } else {
             self.commit()?
         };
-        self.stats.decode_seconds += start.elapsed().as_secs_f64();
+        self.progress.stats.decode_seconds += start.elapsed().as_secs_f64();
         Ok(committed)
     }
 
-    fn finished(&self) -> Option<FinishReason> {
-        self.finish
+    fn progress(&self) -> &Progress {
+        &self.progress
     }
 
-    fn completion(&self) -> &[u32] {
-        &self.completion
-    }
-
-    fn stats(&self) -> &DecodeStats {
-        &self.stats
-    }
-
-    fn finish(&mut self, reason: FinishReason) {
-        self.finish = Some(reason);
+    fn progress_mut(&mut self) -> &mut Progress {
+        &mut self.progress
     }
 }

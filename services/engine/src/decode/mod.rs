@@ -56,15 +56,35 @@ impl DecodeStats {
     }
 }
 
+/// What every decoder tracks of its sequence: the committed completion, the counters, and why
+/// it stopped.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub completion: Vec<u32>,
+    pub stats: DecodeStats,
+    pub finish: Option<FinishReason>,
+}
+
 pub trait Decoder {
     /// Advances the sequence by one step; returns the tokens this step committed (often none
     /// for diffusion until a block completes). Does nothing once finished.
     fn step(&mut self) -> Result<Vec<u32>>;
-    fn finished(&self) -> Option<FinishReason>;
-    fn completion(&self) -> &[u32];
-    fn stats(&self) -> &DecodeStats;
+    fn progress(&self) -> &Progress;
+    fn progress_mut(&mut self) -> &mut Progress;
+
+    fn finished(&self) -> Option<FinishReason> {
+        self.progress().finish
+    }
+    fn completion(&self) -> &[u32] {
+        &self.progress().completion
+    }
+    fn stats(&self) -> &DecodeStats {
+        &self.progress().stats
+    }
     /// Ends the generation early (a stop string, a cancelled request).
-    fn finish(&mut self, reason: FinishReason);
+    fn finish(&mut self, reason: FinishReason) {
+        self.progress_mut().finish = Some(reason);
+    }
 }
 
 /// The decoder `params` ask for. Autoregressive decoding of a model whose positions predict
