@@ -3,9 +3,7 @@
 
 use std::time::Instant;
 
-use super::{
-    rows, stop_ids, DecodeStats, Decoder, DecodingParams, FinishReason, Progress, Sampler,
-};
+use super::{prefill, rows, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler};
 use crate::error::Result;
 use crate::model::{KvCache, Model};
 
@@ -23,15 +21,7 @@ pub struct AutoregressiveDecoder<'m> {
 impl<'m> AutoregressiveDecoder<'m> {
     /// Prefills the prompt (one causal forward into the cache).
     pub fn new(model: &'m Model, prompt: &[u32], params: &DecodingParams) -> Result<Self> {
-        let start = Instant::now();
-        let mut cache = KvCache::new();
-        let logits = model.forward_cached(prompt, &mut cache, 1, true)?;
-        let last_logits = rows(&logits)?.pop().unwrap_or_default();
-        let stats = DecodeStats {
-            prefill_forwards: 1,
-            prefill_seconds: start.elapsed().as_secs_f64(),
-            ..DecodeStats::default()
-        };
+        let (cache, last_logits, stats) = prefill(model, prompt)?;
         Ok(Self {
             model,
             cache,

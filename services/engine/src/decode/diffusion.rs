@@ -9,7 +9,7 @@ use std::time::Instant;
 use sdlm_kernels::reference::select_unmask;
 
 use super::{
-    rows, softmax, stop_ids, DecodeStats, Decoder, DecodingParams, FinishReason, Progress, Sampler,
+    prefill, rows, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler,
 };
 use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Model};
@@ -39,15 +39,7 @@ impl<'m> DiffusionDecoder<'m> {
         let mask_id = config.diffusion.mask_token_id.ok_or_else(|| {
             EngineError::Input("diffusion decoding needs the model's mask_token_id".into())
         })?;
-        let start = Instant::now();
-        let mut cache = KvCache::new();
-        let logits = model.forward_cached(prompt, &mut cache, 1, true)?;
-        let last_logits = rows(&logits)?.pop().unwrap_or_default();
-        let stats = DecodeStats {
-            prefill_forwards: 1,
-            prefill_seconds: start.elapsed().as_secs_f64(),
-            ..DecodeStats::default()
-        };
+        let (cache, last_logits, stats) = prefill(model, prompt)?;
         Ok(Self {
             model,
             params: params.clone(),

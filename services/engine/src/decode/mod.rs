@@ -120,6 +120,24 @@ pub(crate) fn stop_ids(model: &Model, params: &DecodingParams) -> Vec<u32> {
     ids
 }
 
+/// Runs the prompt as one causal prefix into a new cache; returns the cache, the logits of the
+/// prompt's last position (what an AR step or a shifted block reads first), and the counters.
+pub(crate) fn prefill(
+    model: &Model,
+    prompt: &[u32],
+) -> Result<(crate::model::KvCache, Vec<f32>, DecodeStats)> {
+    let start = std::time::Instant::now();
+    let mut cache = crate::model::KvCache::new();
+    let logits = model.forward_cached(prompt, &mut cache, 1, true)?;
+    let last_logits = rows(&logits)?.pop().unwrap_or_default();
+    let stats = DecodeStats {
+        prefill_forwards: 1,
+        prefill_seconds: start.elapsed().as_secs_f64(),
+        ..DecodeStats::default()
+    };
+    Ok((cache, last_logits, stats))
+}
+
 /// The rows of a `[n, vocab]` logits tensor.
 pub(crate) fn rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_vec2::<f32>()?)
