@@ -113,6 +113,17 @@ pub fn decoder_for<'m>(
     })
 }
 
+/// Where `text` must be cut for the first stop string it holds (the earliest occurrence of
+/// any), if any. Stop strings are matched on text, so callers detokenize after each committed
+/// block and finish the decoder with [`FinishReason::StopString`] when this says so.
+pub fn stop_string_cut(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
 /// Token ids that end a generation: the params' and the model's end-of-sequence ids.
 pub(crate) fn stop_ids(model: &Model, params: &DecodingParams) -> Vec<u32> {
     let mut ids = params.stop_token_ids.clone();
@@ -141,4 +152,16 @@ pub(crate) fn prefill(
 /// The rows of a `[n, vocab]` logits tensor.
 pub(crate) fn rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_vec2::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stop_string_cut;
+
+    #[test]
+    fn the_earliest_stop_string_wins_and_empty_ones_are_ignored() {
+        let stops = vec!["\ndef".to_string(), "\n#".to_string(), String::new()];
+        assert_eq!(stop_string_cut("x = 1\n# c\ndef f", &stops), Some(5));
+        assert_eq!(stop_string_cut("x = 1", &stops), None);
+    }
 }
