@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sdlm_engine::decode::{decoder_for, DecodingParams, FinishReason, Mode};
+use sdlm_engine::decode::{decoder_for, stop_string_cut, DecodingParams, FinishReason, Mode};
 use sdlm_engine::{open_model, Device};
 
 /// Completes PROMPT (or standard input when PROMPT is absent or "-"). Diffusion decoding is the
@@ -91,12 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             continue;
         }
         text = detok(decoder.completion())?;
-        if let Some(cut) = params
-            .stop
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
+        if let Some(cut) = stop_string_cut(&text, &params.stop) {
             text.truncate(cut);
             decoder.finish(FinishReason::StopString);
         }
