@@ -316,3 +316,20 @@ fn bad_parameters_name_the_field_and_the_limit() {
         assert!(err.contains(want), "{err}");
     }
 }
+
+#[test]
+fn a_step_budget_finishes_each_block_in_that_many_steps() {
+    let m = model("qwen2-tied-bf16", false);
+    // τ = 1 alone would take 16 steps per block; the budget forces 16 / 4 = 4 per step.
+    let p = DecodingParams {
+        mode: Mode::Diffusion,
+        block_size: 16,
+        threshold: 1.0,
+        max_new_tokens: 32,
+        max_steps_per_block: Some(4),
+        ..DecodingParams::default()
+    };
+    let (tokens, s, _) = run(&m, PROMPT, &p);
+    assert_eq!(tokens.len(), 32);
+    assert_eq!((s.blocks, s.steps), (2, 8));
+}
