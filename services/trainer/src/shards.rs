@@ -1,0 +1,216 @@
+//! Token shards: documents joined by <|endoftext|> into one flat little-endian array of u16 (u32
+//! when the vocabulary passes 65,535), with a JSON sidecar saying which, so a trainer can
+//! memory-map and index it directly. Half of the documents (chosen by a hash of their index, so
+//! the choice is reproducible) go in fill-in-the-middle form, prefix–suffix–middle, as code
+//! models are trained, so the model learns to infill.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainerError;
+
+/// A tokenized document.
+pub type Document = Vec<u32>;
+
+/// The sidecar of a shard (`<shard>.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardMeta {
+    /// "u16" or "u32", little-endian.
+    pub dtype: String,
+    pub tokens: usize,
+    pub documents: usize,
+    pub fim_documents: usize,
+}
+
+/// The special token ids the shard writer uses.
+#[derive(Clone, Copy, Debug)]
+pub struct Specials {
+    pub end_of_text: u32,
+    pub fim_prefix: u32,
+    pub fim_middle: u32,
+    pub fim_suffix: u32,
+}
+
+/// `doc` cut at two points `a <= b` into prefix, middle, suffix and laid out as
+/// <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle (the PSM order).
+pub fn fim_transform(doc: &[u32], a: usize, b: usize, s: &Specials) -> Document {
+    let (a, b) = (a.min(doc.len()), b.min(doc.len()).max(a.min(doc.len())));
+    let mut out = Vec::with_capacity(doc.len() + 3);
+    out.push(s.fim_prefix);
+    out.extend_from_slice(&doc[..a]);
+    out.push(s.fim_suffix);
+    out.extend_from_slice(&doc[b..]);
+    out.push(s.fim_middle);
+    out.extend_from_slice(&doc[a..b]);
+    out
+}
+
+/// Writes `docs` to `path` (and `path`.json), every other document by hash in FIM form with cut
+/// points drawn from the same hash.
+pub fn write_shard(
+    path: &Path,
+    docs: &[Document],
+    vocab_size: usize,
+    s: &Specials,
+) -> Result<ShardMeta, TrainerError> {
+    let mut tokens: Vec<u32> = Vec::new();
+    let mut fim = 0;
+    for (i, doc) in docs.iter().enumerate() {
+        let h = mix(i as u64);
+        if h & 1 == 1 && doc.len() >= 2 {
+            let x = (h >> 8) as usize % (doc.len() + 1);
+            let y = (h >> 32) as usize % (doc.len() + 1);
+            tokens.extend(fim_transform(doc, x.min(y), x.max(y), s));
+            fim += 1;
+        } else {
+            tokens.extend_from_slice(doc);
+        }
+        tokens.push(s.end_of_text);
+    }
+    let wide = vocab_size > u16::MAX as usize + 1;
+    let mut bytes = Vec::with_capacity(tokens.len() * if wide { 4 } else { 2 });
+    for &t in &tokens {
+        if wide {
+            bytes.extend_from_slice(&t.to_le_bytes());
+        } else {
+            bytes.extend_from_slice(&(t as u16).to_le_bytes());
+        }
+    }
+    std::fs::write(path, bytes).map_err(|e| TrainerError::file(path, e))?;
+    let meta = ShardMeta {
+        dtype: if wide { "u32" } else { "u16" }.into(),
+        tokens: tokens.len(),
+        documents: docs.len(),
+        fim_documents: fim,
+    };
+    let sidecar = path.with_extension("json");
+    let text = serde_json::to_string_pretty(&meta).map_err(|e| TrainerError::file(&sidecar, e))?;
+    std::fs::write(&sidecar, text).map_err(|e| TrainerError::file(&sidecar, e))?;
+    Ok(meta)
+}
+
+/// Reads a shard back as token ids, checking its size against the sidecar.
+pub fn read_shard(path: &Path) -> Result<Vec<u32>, TrainerError> {
+    let sidecar = path.with_extension("json");
+    let text = std::fs::read_to_string(&sidecar).map_err(|e| TrainerError::file(&sidecar, e))?;
+    let meta: ShardMeta =
+        serde_json::from_str(&text).map_err(|e| TrainerError::file(&sidecar, e))?;
+    let bytes = std::fs::read(path).map_err(|e| TrainerError::file(path, e))?;
+    let width = match meta.dtype.as_str() {
+        "u16" => 2,
+        "u32" => 4,
+        other => {
+            return Err(TrainerError::file(
+                &sidecar,
+                format!("dtype {other:?} is neither u16 nor u32"),
+            ))
+        }
+    };
+    if bytes.len() != meta.tokens * width {
+        return Err(TrainerError::file(
+            path,
+            format!(
+                "has {} bytes; the sidecar promises {} tokens of {width} bytes",
+                bytes.len(),
+                meta.tokens
+            ),
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(width)
+        .map(|c| {
+            if width == 2 {
+                u16::from_le_bytes([c[0], c[1]]) as u32
+            } else {
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+            }
+        })
+        .collect())
+}
+
+/// SplitMix64: a fixed, well-mixed hash of the document index.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Specials = Specials {
+        end_of_text: 0,
+        fim_prefix: 2,
+        fim_middle: 3,
+        fim_suffix: 4,
+    };
+
+    #[test]
+    fn fim_puts_the_middle_last() {
+        let doc = [10, 11, 12, 13, 14];
+        assert_eq!(
+            fim_transform(&doc, 1, 3, &S),
+            vec![2, 10, 4, 13, 14, 3, 11, 12]
+        );
+    }
+
+    #[test]
+    fn shards_round_trip_and_half_the_documents_are_fim() {
+        let docs: Vec<Document> = (0..400)
+            .map(|i| (0..(5 + i % 17)).map(|t| 100 + t + i as u32).collect())
+            .collect();
+        let path = std::env::temp_dir().join(format!("sdlm-shard-{}.bin", std::process::id()));
+        let meta = write_shard(&path, &docs, 8192, &S).unwrap();
+        assert_eq!(meta.dtype, "u16");
+        assert!(
+            (150..250).contains(&meta.fim_documents),
+            "{}",
+            meta.fim_documents
+        );
+        let tokens = read_shard(&path).unwrap();
+        assert_eq!(tokens.len(), meta.tokens);
+        // Documents come back in order: split at end-of-text, undo FIM, compare.
+        let back: Vec<&[u32]> = tokens
+            .split(|&t| t == S.end_of_text)
+            .filter(|d| !d.is_empty())
+            .collect();
+        assert_eq!(back.len(), docs.len());
+        for (got, want) in back.iter().zip(&docs) {
+            if got[0] == S.fim_prefix {
+                let suffix_at = got.iter().position(|&t| t == S.fim_suffix).unwrap();
+                let middle_at = got.iter().position(|&t| t == S.fim_middle).unwrap();
+                let restored: Vec<u32> = [
+                    &got[1..suffix_at],
+                    &got[middle_at + 1..],
+                    &got[suffix_at + 1..middle_at],
+                ]
+                .concat();
+                assert_eq!(&restored, want);
+            } else {
+                assert_eq!(got, &want.as_slice());
+            }
+        }
+        // A truncated shard is refused by name.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
+        assert!(read_shard(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("sidecar promises"));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("json"));
+    }
+
+    #[test]
+    fn large_vocabularies_use_u32() {
+        let path = std::env::temp_dir().join(format!("sdlm-shard32-{}.bin", std::process::id()));
+        let meta = write_shard(&path, &[vec![70_000, 5]], 151_936, &S).unwrap();
+        assert_eq!(meta.dtype, "u32");
+        assert!(read_shard(&path).unwrap().contains(&70_000));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("json"));
+    }
+}
