@@ -6,6 +6,22 @@ use sdlm_kernels::reference::RopeTable;
 
 use super::source::{Proj, WeightSource};
 
+/// Which implementation of RMSNorm, RoPE and softmax a forward uses: candle's fused CPU/CUDA
+/// ops, which have no backward pass, or the same math composed of differentiable tensor ops
+/// (for training; about the same numbers, more memory and time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ops {
+    Fast,
+    Differentiable,
+}
+
+pub(super) fn rms_norm(norm: &RmsNorm, x: &Tensor, ops: Ops) -> Result<Tensor> {
+    match ops {
+        Ops::Fast => norm.forward(x),
+        Ops::Differentiable => norm.forward_diff(x),
+    }
+}
+
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 
@@ -121,11 +137,17 @@ impl Attention {
     }
 
     /// `[b, len, heads * d]` → `[b, heads, len, d]`, normed per head when the model does that.
-    fn split_heads(&self, x: Tensor, heads: usize, norm: Option<&RmsNorm>) -> Result<Tensor> {
+    fn split_heads(
+        &self,
+        x: Tensor,
+        heads: usize,
+        norm: Option<&RmsNorm>,
+        ops: Ops,
+    ) -> Result<Tensor> {
         let (b, len, _) = x.dims3()?;
         let x = x.reshape((b, len, heads, self.head_dim))?;
         let x = match norm {
-            Some(n) => n.forward(&x)?,
+            Some(n) => rms_norm(n, &x, ops)?,
             None => x,
         };
         x.transpose(1, 2)?.contiguous()
@@ -141,16 +163,29 @@ impl Attention {
         sin: &Tensor,
         mask: &Tensor,
         past: Option<&(Tensor, Tensor)>,
+        ops: Ops,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, len, _) = x.dims3()?;
-        let q = self.split_heads(self.q_proj.forward(x)?, self.heads, self.q_norm.as_ref())?;
-        let k = self.split_heads(self.k_proj.forward(x)?, self.kv_heads, self.k_norm.as_ref())?;
-        let v = self.split_heads(self.v_proj.forward(x)?, self.kv_heads, None)?;
+        let q = self.split_heads(
+            self.q_proj.forward(x)?,
+            self.heads,
+            self.q_norm.as_ref(),
+            ops,
+        )?;
+        let k = self.split_heads(
+            self.k_proj.forward(x)?,
+            self.kv_heads,
+            self.k_norm.as_ref(),
+            ops,
+        )?;
+        let v = self.split_heads(self.v_proj.forward(x)?, self.kv_heads, None, ops)?;
         // GGUF's llama layout permutes q/k rows so that RoPE rotates adjacent pairs.
-        let rotate = if self.rope_interleaved {
-            candle_nn::rotary_emb::rope_i
-        } else {
-            candle_nn::rotary_emb::rope
+        use candle_nn::rotary_emb::{rope, rope_i, rope_i_slow, rope_slow};
+        let rotate = match (self.rope_interleaved, ops) {
+            (true, Ops::Fast) => rope_i,
+            (false, Ops::Fast) => rope,
+            (true, Ops::Differentiable) => rope_i_slow,
+            (false, Ops::Differentiable) => rope_slow,
         };
         let q = rotate(&q, cos, sin)?;
         let k = rotate(&k, cos, sin)?;
@@ -162,7 +197,10 @@ impl Attention {
         let v = repeat_kv(v_all.clone(), self.heads / self.kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = match ops {
+            Ops::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+            Ops::Differentiable => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+        };
         let out = probs.matmul(&v)?; // [b, heads, len, d]
         let out = out
             .transpose(1, 2)?
@@ -209,14 +247,14 @@ impl DecoderLayer {
         sin: &Tensor,
         mask: &Tensor,
         past: Option<&(Tensor, Tensor)>,
+        ops: Ops,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (h, kv) =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, cos, sin, mask, past)?;
+        let normed = rms_norm(&self.input_layernorm, x, ops)?;
+        let (h, kv) = self.self_attn.forward(&normed, cos, sin, mask, past, ops)?;
         let x = (x + h)?;
         let h = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+            .forward(&rms_norm(&self.post_attention_layernorm, &x, ops)?)?;
         Ok(((x + h)?, kv))
     }
 }

@@ -14,7 +14,7 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use layers::{DecoderLayer, Rotary};
+use layers::{DecoderLayer, Ops, Rotary};
 use source::{Proj, Safetensors, WeightSource};
 
 pub use cache::KvCache;
@@ -91,7 +91,27 @@ impl Model {
                 mask.dims()
             )));
         }
-        self.run(input_ids, positions, mask, None)
+        self.run(input_ids, positions, mask, None, Ops::Fast)
+            .map(|(logits, _)| logits)
+    }
+
+    /// [`Model::forward`] through differentiable ops only, so a loss on its logits can be
+    /// backpropagated to every weight (for training).
+    pub fn forward_train(
+        &self,
+        input_ids: &Tensor,
+        positions: &[u32],
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let (_, len) = input_ids.dims2()?;
+        if positions.len() != len || mask.dims() != [len, len] {
+            return Err(EngineError::Input(format!(
+                "{} positions and a {:?} mask for {len} tokens",
+                positions.len(),
+                mask.dims()
+            )));
+        }
+        self.run(input_ids, positions, mask, None, Ops::Differentiable)
             .map(|(logits, _)| logits)
     }
 
@@ -119,7 +139,7 @@ impl Model {
             block: query_block.max(1),
         };
         let mask = rule.additive_rows(ctx..ctx + n, ctx + n, &device)?;
-        let (logits, kv) = self.run(&input, &positions, &mask, Some(cache.layers()))?;
+        let (logits, kv) = self.run(&input, &positions, &mask, Some(cache.layers()), Ops::Fast)?;
         if commit {
             cache.replace(kv, ctx + n);
         }
@@ -133,17 +153,18 @@ impl Model {
         positions: &[u32],
         mask: &Tensor,
         past: Option<&[(Tensor, Tensor)]>,
+        ops: Ops,
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (cos, sin) = self.rotary.at(positions)?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         let mut kv = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = past.and_then(|p| p.get(i));
-            let (y, layer_kv) = layer.forward(&x, &cos, &sin, mask, layer_past)?;
+            let (y, layer_kv) = layer.forward(&x, &cos, &sin, mask, layer_past, ops)?;
             x = y;
             kv.push(layer_kv);
         }
-        let x = self.norm.forward(&x)?;
+        let x = layers::rms_norm(&self.norm, &x, ops)?;
         Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, kv))
     }
 

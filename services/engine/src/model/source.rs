@@ -110,7 +110,15 @@ impl WeightSource for Safetensors<'_> {
     }
 
     fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Tensor> {
-        self.0.pp(name).get((vocab, hidden), "weight")
+        // The hint only matters for a fresh VarMap (training from scratch), as candle_nn's own
+        // embedding initialises.
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
+        self.0
+            .pp(name)
+            .get_with_hints((vocab, hidden), "weight", init)
     }
 
     fn tied_head(&self, embedding_name: &str, vocab: usize, hidden: usize) -> Result<Proj> {
