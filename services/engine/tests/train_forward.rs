@@ -3,16 +3,11 @@
 
 mod common;
 
-use common::{expected, fixture, fixture_rule, max_abs_diff};
+use common::{expected, fixture, fixture_rule, inputs, max_abs_diff};
 use sdlm_engine::{load_model, open_model, DType, Device, MaskRule, Model, ModelConfig, Tensor};
 
 fn both(model: &Model, ids: &[u32], rule: MaskRule) -> (Tensor, Tensor) {
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let positions: Vec<u32> = (0..ids.len() as u32).collect();
-    let mask = rule.additive(ids.len(), &Device::Cpu).unwrap();
+    let (input, positions, mask) = inputs(ids, rule);
     (
         model.forward(&input, &positions, &mask).unwrap(),
         model.forward_train(&input, &positions, &mask).unwrap(),
@@ -43,17 +38,13 @@ fn gradients_reach_every_weight() {
     let model = Model::new(&config, vb).unwrap();
     let ids: Vec<u32> = (0..12u32).map(|i| (i * 29 + 5) % 128).collect();
     let targets: Vec<u32> = (0..12u32).map(|i| (i * 53 + 1) % 128).collect();
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let positions: Vec<u32> = (0..12).collect();
-    let mask = MaskRule::BlockCausal {
-        prefix: 3,
-        block: 4,
-    }
-    .additive(12, &Device::Cpu)
-    .unwrap();
+    let (input, positions, mask) = inputs(
+        &ids,
+        MaskRule::BlockCausal {
+            prefix: 3,
+            block: 4,
+        },
+    );
     let logits = model
         .forward_train(&input, &positions, &mask)
         .unwrap()

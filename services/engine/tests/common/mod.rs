@@ -25,14 +25,21 @@ pub fn expected(rel: &str) -> (Vec<u32>, HashMap<String, Tensor>) {
     (ids, want)
 }
 
-/// Logits `[len, vocab]` of one sequence at positions 0..len under `rule`.
-pub fn logits(model: &Model, ids: &[u32], rule: MaskRule) -> Tensor {
+/// The model inputs for one sequence at positions 0..len under `rule`: ids `[1, len]`,
+/// positions, additive mask.
+pub fn inputs(ids: &[u32], rule: MaskRule) -> (Tensor, Vec<u32>, Tensor) {
     let input = Tensor::new(ids, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap();
     let positions: Vec<u32> = (0..ids.len() as u32).collect();
     let mask = rule.additive(ids.len(), &Device::Cpu).unwrap();
+    (input, positions, mask)
+}
+
+/// Logits `[len, vocab]` of one sequence at positions 0..len under `rule`.
+pub fn logits(model: &Model, ids: &[u32], rule: MaskRule) -> Tensor {
+    let (input, positions, mask) = inputs(ids, rule);
     model
         .forward(&input, &positions, &mask)
         .unwrap()
