@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod parse_rate;
 mod perplexity;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     Generate(generate::Args),
     /// Teacher-forced scoring of a text file.
     Perplexity(perplexity::Args),
+    /// Train a block-diffusion code model (two-stage curriculum) from a preset.
+    Train(train::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Train(args) => train::run_cli(args),
     }
 }

@@ -6,6 +6,12 @@ pub enum TrainerError {
     File { path: PathBuf, reason: String },
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Engine(#[from] sdlm_engine::EngineError),
+    #[error("training diverged: loss {loss}, gradient norm {grad_norm}")]
+    Diverged { loss: f64, grad_norm: f64 },
 }
 
 impl TrainerError {

@@ -8,7 +8,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::TokenShard;
 use crate::error::TrainerError;
+use crate::rng::TrainRng;
 
 /// A tokenized document.
 pub type Document = Vec<u32>;
@@ -46,19 +48,21 @@ pub fn fim_transform(doc: &[u32], a: usize, b: usize, s: &Specials) -> Document 
     out
 }
 
-/// Writes `docs` to `path` (and `path`.json), every other document by hash in FIM form with cut
-/// points drawn from the same hash.
+/// Writes `docs` to `path` (and `path`.json); `with_fim`, every other document by hash in FIM
+/// form with cut points drawn from the same hash (held-out shards are written plain, so their
+/// bytes are the files' bytes).
 pub fn write_shard(
     path: &Path,
     docs: &[Document],
     vocab_size: usize,
     s: &Specials,
+    with_fim: bool,
 ) -> Result<ShardMeta, TrainerError> {
     let mut tokens: Vec<u32> = Vec::new();
     let mut fim = 0;
     for (i, doc) in docs.iter().enumerate() {
-        let h = mix(i as u64);
-        if h & 1 == 1 && doc.len() >= 2 {
+        let h = TrainRng::new(i as u64).next_u64();
+        if with_fim && (h & 1) == 1 && doc.len() >= 2 {
             let x = (h >> 8) as usize % (doc.len() + 1);
             let y = (h >> 32) as usize % (doc.len() + 1);
             tokens.extend(fim_transform(doc, x.min(y), x.max(y), s));
@@ -92,49 +96,8 @@ pub fn write_shard(
 
 /// Reads a shard back as token ids, checking its size against the sidecar.
 pub fn read_shard(path: &Path) -> Result<Vec<u32>, TrainerError> {
-    let sidecar = path.with_extension("json");
-    let text = std::fs::read_to_string(&sidecar).map_err(|e| TrainerError::file(&sidecar, e))?;
-    let meta: ShardMeta =
-        serde_json::from_str(&text).map_err(|e| TrainerError::file(&sidecar, e))?;
-    let bytes = std::fs::read(path).map_err(|e| TrainerError::file(path, e))?;
-    let width = match meta.dtype.as_str() {
-        "u16" => 2,
-        "u32" => 4,
-        other => {
-            return Err(TrainerError::file(
-                &sidecar,
-                format!("dtype {other:?} is neither u16 nor u32"),
-            ))
-        }
-    };
-    if bytes.len() != meta.tokens * width {
-        return Err(TrainerError::file(
-            path,
-            format!(
-                "has {} bytes; the sidecar promises {} tokens of {width} bytes",
-                bytes.len(),
-                meta.tokens
-            ),
-        ));
-    }
-    Ok(bytes
-        .chunks_exact(width)
-        .map(|c| {
-            if width == 2 {
-                u16::from_le_bytes([c[0], c[1]]) as u32
-            } else {
-                u32::from_le_bytes([c[0], c[1], c[2], c[3]])
-            }
-        })
-        .collect())
-}
-
-/// SplitMix64: a fixed, well-mixed hash of the document index.
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    let shard = TokenShard::open(path)?;
+    Ok((0..shard.len()).map(|i| shard.get(i)).collect())
 }
 
 #[cfg(test)]
@@ -163,7 +126,7 @@ mod tests {
             .map(|i| (0..(5 + i % 17)).map(|t| 100 + t + i as u32).collect())
             .collect();
         let path = std::env::temp_dir().join(format!("sdlm-shard-{}.bin", std::process::id()));
-        let meta = write_shard(&path, &docs, 8192, &S).unwrap();
+        let meta = write_shard(&path, &docs, 8192, &S, true).unwrap();
         assert_eq!(meta.dtype, "u16");
         assert!(
             (150..250).contains(&meta.fim_documents),
@@ -207,7 +170,7 @@ mod tests {
     #[test]
     fn large_vocabularies_use_u32() {
         let path = std::env::temp_dir().join(format!("sdlm-shard32-{}.bin", std::process::id()));
-        let meta = write_shard(&path, &[vec![70_000, 5]], 151_936, &S).unwrap();
+        let meta = write_shard(&path, &[vec![70_000, 5]], 151_936, &S, true).unwrap();
         assert_eq!(meta.dtype, "u32");
         assert!(read_shard(&path).unwrap().contains(&70_000));
         let _ = std::fs::remove_file(&path);

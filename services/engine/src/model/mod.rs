@@ -115,6 +115,32 @@ impl Model {
             .map(|(logits, _)| logits)
     }
 
+    /// [`Model::forward_train`] with logits for the columns `rows` only: the block-diffusion
+    /// loss reads the corrupted half of a corrupted ‖ clean sequence, and the LM head over the
+    /// clean half would be wasted work.
+    pub fn forward_train_rows(
+        &self,
+        input_ids: &Tensor,
+        positions: &[u32],
+        mask: &Tensor,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let (_, len) = input_ids.dims2()?;
+        if positions.len() != len || mask.dims() != [len, len] || rows.end > len || rows.is_empty()
+        {
+            return Err(EngineError::Input(format!(
+                "{} positions, a {:?} mask and rows {rows:?} for {len} tokens",
+                positions.len(),
+                mask.dims()
+            )));
+        }
+        let hidden = self
+            .hidden(input_ids, positions, mask, None, Ops::Differentiable)?
+            .0;
+        let hidden = hidden.narrow(1, rows.start, rows.len())?;
+        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+
     /// Logits `[n, vocab]` for `tokens`, the next n tokens of the sequence whose committed
     /// tokens `cache` holds: they sit at positions cache.len().., see every cached token, and see
     /// each other by the block rule (token i sees token j iff j / query_block <= i / query_block;
@@ -155,6 +181,19 @@ impl Model {
         past: Option<&[(Tensor, Tensor)]>,
         ops: Ops,
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let (x, kv) = self.hidden(input_ids, positions, mask, past, ops)?;
+        Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, kv))
+    }
+
+    /// The final-norm hidden states of [`Model::run`], before the LM head.
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &[u32],
+        mask: &Tensor,
+        past: Option<&[(Tensor, Tensor)]>,
+        ops: Ops,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (cos, sin) = self.rotary.at(positions)?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         let mut kv = Vec::with_capacity(self.layers.len());
@@ -164,8 +203,7 @@ impl Model {
             x = y;
             kv.push(layer_kv);
         }
-        let x = layers::rms_norm(&self.norm, &x, ops)?;
-        Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, kv))
+        Ok((layers::rms_norm(&self.norm, &x, ops)?, kv))
     }
 
     pub fn device(&self) -> &Device {

@@ -1,0 +1,342 @@
+//! A training run from start (or checkpoint) to the exported model: the step loop with its
+//! curriculum, schedule, logging, periodic evaluation and checkpoints.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::Device;
+use sdlm_engine::ModelConfig;
+use serde::Serialize;
+
+use crate::blocks::{Blocks, BLOCK_SIZES};
+use crate::checkpoint::{self, TrainState};
+use crate::corrupt::Stage;
+use crate::data::{TokenShard, Windows};
+use crate::error::TrainerError;
+use crate::eval::{evaluate, token_bytes, HeldOut};
+use crate::learner::{hf_config, Learner};
+use crate::objective::Batch;
+use crate::optim::learning_rate;
+use crate::prepare::{prepare, write, Prepared, RunPaths, MASK_ID, PAD_ID};
+use crate::rng::TrainRng;
+use crate::settings::Settings;
+use crate::shards::read_shard;
+
+pub struct RunOptions<'a> {
+    pub run_dir: PathBuf,
+    /// Settings of a new run; a resumed run reads its own from the run directory.
+    pub settings: Option<Settings>,
+    pub resume: bool,
+    pub corpus: Vec<PathBuf>,
+    pub extensions: Vec<String>,
+    /// Set (by Ctrl-C) to checkpoint and stop after the current step.
+    pub stop: &'a AtomicBool,
+    /// Stop (with a checkpoint) after this many steps in this session: for tests of resume.
+    pub session_steps: Option<usize>,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub stage: u8,
+    pub block_size: usize,
+    pub lr: f64,
+    pub loss: f64,
+    pub mask_loss: f64,
+    pub edit_loss: f64,
+    pub grad_norm: f64,
+    pub edits: usize,
+    pub levenshtein: usize,
+    pub tokens_per_s: f64,
+    pub tokens_seen: u64,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub steps: usize,
+    pub finished: bool,
+    pub losses: Vec<f64>,
+    pub final_eval: Option<HeldOut>,
+    pub prepared: Prepared,
+    pub tokens_seen: u64,
+    pub elapsed_s: f64,
+    pub parameters: usize,
+}
+
+pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
+    let paths = RunPaths(opts.run_dir.clone());
+    let settings = resolve_settings(&paths, &opts)?;
+    let extensions: Vec<&str> = opts.extensions.iter().map(String::as_str).collect();
+    let prepared = prepare(&paths, &settings, &opts.corpus, &extensions)?;
+    let tokenizer = tokenizers::Tokenizer::from_file(paths.tokenizer())
+        .map_err(|e| TrainerError::file(paths.tokenizer(), e))?;
+    let config_json = hf_config(&settings, MASK_ID, 0, PAD_ID);
+    let config = ModelConfig::from_json(&config_json.to_string(), &paths.0.join("config.json"))?;
+    let mut learner = Learner::new(&config, &settings, MASK_ID, settings.seed)?;
+    let parameters: usize = learner
+        .optimizer
+        .params()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let mut state = if opts.resume {
+        checkpoint::load(&paths.checkpoint(), &mut learner)?
+    } else {
+        TrainState {
+            step: 0,
+            rng: TrainRng::new(settings.seed.wrapping_mul(0x2545_f491_4f6c_dd1d)),
+            data: Default::default(),
+            tokens_seen: 0,
+            elapsed_s: 0.0,
+        }
+    };
+    let mut log = open_log(&paths, state.step)?;
+    let mut windows = Windows::new(
+        TokenShard::open(&paths.train_shard())?,
+        settings.seq_len,
+        settings.seed,
+    )?;
+    let held_out = read_shard(&paths.held_out_shard())?;
+    let bytes_of = token_bytes(&tokenizer);
+    let device = Device::Cpu;
+    let bar = progress_bar(opts.progress, settings.steps, state.step);
+    let mut losses = Vec::new();
+    let session_start = state.step;
+    let mut interrupted = false;
+
+    while state.step < settings.steps {
+        if opts.stop.load(Ordering::SeqCst)
+            || opts
+                .session_steps
+                .is_some_and(|n| state.step - session_start >= n)
+        {
+            interrupted = true;
+            break;
+        }
+        let started = Instant::now();
+        let stage = if state.step < settings.edit_stage_from() {
+            Stage::Mask
+        } else {
+            Stage::Edit
+        };
+        let size = BLOCK_SIZES[state.rng.below(BLOCK_SIZES.len())];
+        let blocks = Blocks::new(size, state.rng.below(size));
+        let mut micro = Vec::with_capacity(settings.accumulation);
+        for _ in 0..settings.accumulation {
+            let mut clean = Vec::with_capacity(settings.batch_size);
+            for _ in 0..settings.batch_size {
+                let (w, next) = windows.next(state.data);
+                clean.push(w);
+                state.data = next;
+            }
+            micro.push(Batch::new(
+                &clean,
+                &blocks,
+                stage,
+                MASK_ID,
+                &mut state.rng,
+                &device,
+            )?);
+        }
+        let lr = learning_rate(
+            state.step,
+            settings.warmup_steps,
+            settings.steps,
+            settings.learning_rate,
+            settings.min_lr_ratio,
+        );
+        let stats = learner.step(&micro, lr)?;
+        let seconds = started.elapsed().as_secs_f64();
+        state.step += 1;
+        state.tokens_seen += settings.tokens_per_step() as u64;
+        state.elapsed_s += seconds;
+        losses.push(stats.loss);
+        let row = StepLog {
+            step: state.step,
+            stage: if stage == Stage::Mask { 1 } else { 2 },
+            block_size: size,
+            lr,
+            loss: stats.loss,
+            mask_loss: stats.mask_loss,
+            edit_loss: stats.edit_loss,
+            grad_norm: stats.grad_norm,
+            edits: stats.edits,
+            levenshtein: stats.levenshtein,
+            tokens_per_s: settings.tokens_per_step() as f64 / seconds,
+            tokens_seen: state.tokens_seen,
+            elapsed_s: state.elapsed_s,
+        };
+        append(
+            &mut log,
+            &paths,
+            &serde_json::to_value(&row).unwrap_or_default(),
+        )?;
+        if let Some(bar) = &bar {
+            bar.set_position(state.step as u64);
+            bar.set_message(format!(
+                "stage {} loss {:.3} {:.0} tok/s",
+                row.stage, row.loss, row.tokens_per_s
+            ));
+        }
+        if state.step % settings.eval_every == 0 && state.step < settings.steps {
+            let n = settings.eval_tokens.min(held_out.len());
+            let e = evaluate(
+                &learner.model,
+                &held_out[..n],
+                &bytes_of,
+                settings.seq_len,
+                settings.batch_size,
+                MASK_ID,
+            )?;
+            append(
+                &mut log,
+                &paths,
+                &serde_json::json!({"step": state.step, "eval": e}),
+            )?;
+        }
+        if state.step % settings.checkpoint_every == 0 {
+            checkpoint::save(&paths.checkpoint(), &learner, &state)?;
+        }
+    }
+    checkpoint::save(&paths.checkpoint(), &learner, &state)?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let finished = !interrupted && state.step >= settings.steps;
+    let mut final_eval = None;
+    if finished {
+        let e = evaluate(
+            &learner.model,
+            &held_out,
+            &bytes_of,
+            settings.seq_len,
+            settings.batch_size,
+            MASK_ID,
+        )?;
+        append(
+            &mut log,
+            &paths,
+            &serde_json::json!({"step": state.step, "eval": e, "final": true}),
+        )?;
+        export(&paths, &learner, &config_json)?;
+        let curve = crate::plot::read_log(&paths.log())?;
+        let title = format!("sdlm {}: block-diffusion training", settings.preset);
+        crate::plot::plot_loss(&curve, &paths.0.join("loss.png"), &title)?;
+        final_eval = Some(e);
+    }
+    let report = RunReport {
+        steps: state.step,
+        finished,
+        losses,
+        final_eval,
+        prepared,
+        tokens_seen: state.tokens_seen,
+        elapsed_s: state.elapsed_s,
+        parameters,
+    };
+    if finished {
+        let text =
+            serde_json::to_string_pretty(&report).map_err(|e| TrainerError::file(&paths.0, e))?;
+        write(&paths.0.join("summary.json"), text.as_bytes())?;
+    }
+    Ok(report)
+}
+
+/// The run's settings: a new run's (refusing a directory that already holds another run), or
+/// the ones a resumed run started with.
+fn resolve_settings(paths: &RunPaths, opts: &RunOptions) -> Result<Settings, TrainerError> {
+    let saved = std::fs::read_to_string(paths.settings()).ok();
+    let settings = match (opts.resume, saved, &opts.settings) {
+        (true, Some(text), _) => {
+            serde_json::from_str(&text).map_err(|e| TrainerError::file(paths.settings(), e))?
+        }
+        (true, None, _) => {
+            return Err(TrainerError::file(
+                &paths.0,
+                "has no run to resume (no settings.json)",
+            ))
+        }
+        (false, Some(_), _) if paths.checkpoint().exists() => {
+            return Err(TrainerError::file(
+                &paths.0,
+                "already holds a run; pass --resume to continue it or choose another --out",
+            ))
+        }
+        (false, _, Some(s)) => s.clone(),
+        (false, _, None) => return Err(TrainerError::Input("a new run needs settings".into())),
+    };
+    settings.validate()?;
+    std::fs::create_dir_all(&paths.0).map_err(|e| TrainerError::file(&paths.0, e))?;
+    let text = serde_json::to_string_pretty(&settings)
+        .map_err(|e| TrainerError::file(paths.settings(), e))?;
+    write(&paths.settings(), text.as_bytes())?;
+    Ok(settings)
+}
+
+/// The HF-layout model directory: config.json, model.safetensors, tokenizer.json.
+fn export(
+    paths: &RunPaths,
+    learner: &Learner,
+    config: &serde_json::Value,
+) -> Result<(), TrainerError> {
+    let dir = paths.model();
+    std::fs::create_dir_all(&dir).map_err(|e| TrainerError::file(&dir, e))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| TrainerError::file(&dir, e))?;
+    write(&dir.join("config.json"), text.as_bytes())?;
+    let weights = dir.join("model.safetensors");
+    learner
+        .varmap
+        .save(&weights)
+        .map_err(|e| TrainerError::file(&weights, e))?;
+    std::fs::copy(paths.tokenizer(), dir.join("tokenizer.json"))
+        .map_err(|e| TrainerError::file(dir.join("tokenizer.json"), e))?;
+    Ok(())
+}
+
+/// The log, cut back to `step` (a resumed run rewrites what followed its checkpoint).
+fn open_log(paths: &RunPaths, step: usize) -> Result<std::fs::File, TrainerError> {
+    let path = paths.log();
+    let kept: String = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step && step > 0)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write(&path, kept.as_bytes())?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(|e| TrainerError::file(&path, e))
+}
+
+fn append(
+    log: &mut std::fs::File,
+    paths: &RunPaths,
+    row: &serde_json::Value,
+) -> Result<(), TrainerError> {
+    writeln!(log, "{row}").map_err(|e| TrainerError::file(paths.log(), e))
+}
+
+fn progress_bar(show: bool, steps: usize, at: usize) -> Option<indicatif::ProgressBar> {
+    if !show {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(at as u64);
+    Some(bar)
+}

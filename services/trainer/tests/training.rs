@@ -1,0 +1,198 @@
+//! The training loop's properties: it can fit a fixed batch, a resumed run repeats the
+//! uninterrupted one exactly, and the exported directory serves the logits it trained.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{Device, Tensor};
+use sdlm_engine::ModelConfig;
+use sdlm_trainer::{
+    hf_config, learning_rate, run, Batch, Blocks, Learner, RunOptions, Settings, Stage, TrainRng,
+    MASK_ID, PAD_ID,
+};
+
+fn config(s: &Settings) -> ModelConfig {
+    ModelConfig::from_json(
+        &hf_config(s, MASK_ID, 0, PAD_ID).to_string(),
+        Path::new("config.json"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn training_overfits_a_fixed_small_batch() {
+    let mut s = common::tiny_settings();
+    // No decay and no cosine: memorising needs the weights free to grow.
+    s.learning_rate = 1e-2;
+    s.weight_decay = 0.0;
+    let mut learner = Learner::new(&config(&s), &s, MASK_ID, 3).unwrap();
+    let mut rng = TrainRng::new(5);
+    // Both sequences start with <|endoftext|>, as documents do after the one before, and the
+    // first block is that one token: every later block has clean context. (A fully masked block
+    // with no context cannot be learnt: its positions hold identical tokens and see identical
+    // values, so they get identical outputs whatever their targets.)
+    let clean: Vec<Vec<u32>> = (0..2)
+        .map(|_| {
+            std::iter::once(0)
+                .chain((0..15).map(|_| 6 + rng.below(58) as u32))
+                .collect()
+        })
+        .collect();
+    let batch = Batch::new(
+        &clean,
+        &Blocks::new(4, 1),
+        Stage::Mask,
+        MASK_ID,
+        &mut rng,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let steps = 300;
+    let mut losses = Vec::new();
+    for step in 0..steps {
+        let lr = learning_rate(step, 20, steps, s.learning_rate, 1.0);
+        losses.push(learner.step(std::slice::from_ref(&batch), lr).unwrap().loss);
+    }
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(
+        first > 2.0,
+        "the untrained loss {first} should be near ln(64)·share masked"
+    );
+    assert!(
+        last < 0.05,
+        "after {steps} steps the loss is {last} (from {first})"
+    );
+}
+
+fn corpus(dir: &Path) -> PathBuf {
+    // A small synthetic Python corpus: enough files that both sides of the split get some.
+    let root = dir.join("corpus");
+    for i in 0..400 {
+        let text = format!(
+            "def f{i}(x, y={i}):\n    \"\"\"Return x plus {i}.\"\"\"\n    total = x + y * {}\n    if total > {i}:\n        return total - 1\n    return total\n",
+            i % 7
+        );
+        let path = root.join(format!("pkg{}/mod{i}.py", i % 5));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    root
+}
+
+fn small_run_settings() -> Settings {
+    let mut s = common::tiny_settings();
+    s.vocab_size = 300;
+    s.seq_len = 24;
+    s.batch_size = 2;
+    s.accumulation = 2;
+    s.steps = 10;
+    s.mask_stage_share = 0.6;
+    s.eval_every = 4;
+    s.eval_tokens = 64;
+    s.checkpoint_every = 3;
+    s.max_files = 0;
+    s
+}
+
+fn step_losses(run_dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run_dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+fn options<'a>(
+    dir: &Path,
+    corpus: &Path,
+    stop: &'a AtomicBool,
+    resume: bool,
+    session: Option<usize>,
+) -> RunOptions<'a> {
+    RunOptions {
+        run_dir: dir.to_path_buf(),
+        settings: (!resume).then(small_run_settings),
+        resume,
+        corpus: vec![corpus.to_path_buf()],
+        extensions: vec!["py".into()],
+        stop,
+        session_steps: session,
+        progress: false,
+    }
+}
+
+#[test]
+fn resume_continues_exactly_and_the_export_serves_the_trained_logits() {
+    let tmp = std::env::temp_dir().join(format!("sdlm-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let corpus = corpus(&tmp);
+    let stop = AtomicBool::new(false);
+
+    // Uninterrupted: 10 steps, both stages.
+    let whole = tmp.join("whole");
+    let report = run(options(&whole, &corpus, &stop, false, None)).unwrap();
+    assert!(report.finished && report.steps == 10);
+    let want = step_losses(&whole);
+    assert_eq!(want.len(), 10);
+
+    // 4 steps, stop, then resume for the other 6 (the checkpoint on stop is between the periodic
+    // ones, so this also checks that stopping saves exactly where it stopped).
+    let split = tmp.join("split");
+    let first = run(options(&split, &corpus, &stop, false, Some(4))).unwrap();
+    assert!(!first.finished && first.steps == 4);
+    let err = run(options(&split, &corpus, &stop, false, None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--resume"), "{err}");
+    let second = run(options(&split, &corpus, &stop, true, None)).unwrap();
+    assert!(second.finished && second.steps == 10);
+    let got = step_losses(&split);
+    assert_eq!(got.len(), 10, "the log has each step once");
+    for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert!((a - b).abs() <= 1e-6, "step {}: {a} vs {b}", i + 1);
+    }
+
+    // The exported directory loads in the engine with the logits of the trained weights.
+    let model_dir = whole.join("model");
+    let (served, _tokenizer) = sdlm_engine::open_model(&model_dir, &Device::Cpu).unwrap();
+    assert_eq!(served.config().diffusion.mask_token_id, Some(MASK_ID));
+    assert_eq!(served.config().diffusion.logits_shift, Some(false));
+    let s = small_run_settings();
+    let mut trained = Learner::new(&config(&s), &s, MASK_ID, 77).unwrap();
+    trained
+        .varmap
+        .load(whole.join("checkpoint/model.safetensors"))
+        .unwrap();
+    let ids: Vec<u32> = (0..20u32).map(|i| 6 + (i * 13) % 280).collect();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let positions: Vec<u32> = (0..20).collect();
+    let mask = sdlm_engine::MaskRule::BlockCausal {
+        prefix: 4,
+        block: 8,
+    }
+    .additive(20, &Device::Cpu)
+    .unwrap();
+    let a = served.forward(&input, &positions, &mask).unwrap();
+    let b = trained
+        .model
+        .forward_train(&input, &positions, &mask)
+        .unwrap();
+    let d: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(d <= 1e-4, "served vs trained logits differ by {d}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
