@@ -15,7 +15,7 @@ mod weights;
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{DiffusionConfig, Family, ModelConfig};
 pub use error::{EngineError, Result};
-pub use mask::MaskRule;
+pub use mask::{twin_mask, MaskRule};
 pub use model::{KvCache, Model};
 pub use perplexity::{score_tokens, Score, TokenScore};
 pub use tokenizer::load_tokenizer;

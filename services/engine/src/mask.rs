@@ -2,7 +2,7 @@
 //! the query sees the key; the dense additive mask for a whole-sequence forward is built from it,
 //! and the paged CUDA/CPU kernels implement the same rule for blocks over a cache.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 
@@ -62,6 +62,42 @@ impl MaskRule {
             .collect();
         Ok(Tensor::from_vec(data, (rows, keys), device)?)
     }
+}
+
+/// The `[2L, 2L]` additive mask over a corrupted sequence followed by its clean twin (the
+/// vectorised block-diffusion form of ALGORITHMS.md), where `block_ids[p]` is the block of
+/// position p (non-decreasing) in both halves: a corrupted token sees its own block of the
+/// corrupted half and the clean blocks before it; a clean token sees clean blocks up to and
+/// including its own; no clean token sees the corrupted half. Training uses it with random
+/// partitions; with one block per position it scores an in-place (logits_shift = false) model
+/// autoregressively in one forward. Built by broadcast comparisons of block ids.
+pub fn twin_mask(block_ids: &[usize], device: &Device) -> Result<Tensor> {
+    let len = block_ids.len();
+    let ids: Vec<f32> = block_ids
+        .iter()
+        .chain(block_ids)
+        .map(|&b| b as f32)
+        .collect();
+    let clean: Vec<f32> = (0..2 * len)
+        .map(|i| f32::from(u8::from(i >= len)))
+        .collect();
+    let q_block = Tensor::from_vec(ids.clone(), (2 * len, 1), device)?;
+    let k_block = Tensor::from_vec(ids, (1, 2 * len), device)?;
+    let q_clean = Tensor::from_vec(clean.clone(), (2 * len, 1), device)?;
+    let k_clean = Tensor::from_vec(clean, (1, 2 * len), device)?;
+    let q_corrupt = q_clean.affine(-1.0, 1.0)?;
+    let k_corrupt = k_clean.affine(-1.0, 1.0)?;
+    let f = |t: Tensor| t.to_dtype(DType::F32);
+    let same = f(q_block.broadcast_eq(&k_block)?)?;
+    let earlier = f(k_block.broadcast_lt(&q_block)?)?;
+    let not_later = f(k_block.broadcast_le(&q_block)?)?;
+    let own_block = q_corrupt.broadcast_mul(&k_corrupt)?.mul(&same)?;
+    let clean_context = q_corrupt.broadcast_mul(&k_clean)?.mul(&earlier)?;
+    let clean_causal = q_clean.broadcast_mul(&k_clean)?.mul(&not_later)?;
+    let allowed = ((own_block + clean_context)? + clean_causal)?;
+    let zeros = Tensor::zeros((2 * len, 2 * len), DType::F32, device)?;
+    let blocked = Tensor::full(f32::NEG_INFINITY, (2 * len, 2 * len), device)?;
+    Ok(allowed.gt(0.5)?.where_cond(&zeros, &blocked)?)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Teacher-forced scoring: the negative log-likelihood of every token after the first, given the
-//! tokens before it, with causal attention. Texts longer than the window are scored in sliding
+//! tokens before it (autoregressive scoring, whichever logit convention the model has). Texts longer than the window are scored in sliding
 //! windows: each window holds up to `context` tokens, advances by `stride`, and scores only the
 //! tokens no earlier window scored, so every token is scored once with at least
 //! `context - stride` tokens of history (except near the start).
@@ -58,13 +58,6 @@ pub fn score_tokens(model: &Model, tokens: &[u32], context: usize, stride: usize
             context - 1
         )));
     }
-    if model.config().diffusion.logits_shift == Some(false) {
-        return Err(EngineError::Input(
-            "this model predicts masked positions in place (logits_shift = false); causal \
-             perplexity needs a model whose position i predicts token i + 1"
-                .into(),
-        ));
-    }
     let start = Instant::now();
     let device = model.device().clone();
     let mut scored = Vec::with_capacity(tokens.len().saturating_sub(1));
@@ -90,7 +83,11 @@ pub fn score_tokens(model: &Model, tokens: &[u32], context: usize, stride: usize
     })
 }
 
-/// Scores of window[first..], each token predicted from the logits one position before.
+/// Scores of window[first..]. A next-token model (logits_shift true or unset) reads the window
+/// causally and predicts each token from the logits one position before. An in-place model
+/// (logits_shift = false, our block-diffusion models) predicts a token at its own position from
+/// a mask there: it reads [MASK]×len ‖ window with one block per position (each mask sees the
+/// clean tokens before it and itself), which is autoregressive scoring in one forward.
 fn window_scores(
     model: &Model,
     window: &[u32],
@@ -98,15 +95,33 @@ fn window_scores(
     device: &Device,
 ) -> Result<Vec<TokenScore>> {
     let len = window.len();
-    let input = Tensor::new(window, device)?.unsqueeze(0)?;
-    let positions: Vec<u32> = (0..len as u32).collect();
-    let mask = MaskRule::Causal.additive(len, device)?;
-    let logits = model.forward(&input, &positions, &mask)?.squeeze(0)?; // [len, vocab]
+    let logits = match in_place_mask(model)? {
+        None => {
+            let input = Tensor::new(window, device)?.unsqueeze(0)?;
+            let positions: Vec<u32> = (0..len as u32).collect();
+            let mask = MaskRule::Causal.additive(len, device)?;
+            let logits = model.forward(&input, &positions, &mask)?.squeeze(0)?; // [len, vocab]
+                                                                                // Row i − 1 predicts token i: shift by one so row i predicts token i.
+            Tensor::cat(&[logits.narrow(0, 0, 1)?, logits.narrow(0, 0, len - 1)?], 0)?
+        }
+        Some(mask_id) => {
+            let mut ids = vec![mask_id; len];
+            ids.extend_from_slice(window);
+            let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+            let positions: Vec<u32> = (0..len as u32).chain(0..len as u32).collect();
+            let blocks: Vec<usize> = (0..len).collect();
+            let mask = crate::mask::twin_mask(&blocks, device)?;
+            model
+                .forward(&input, &positions, &mask)?
+                .squeeze(0)?
+                .narrow(0, 0, len)?
+        }
+    };
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let rows = log_probs.to_vec2::<f32>()?;
     Ok((first.max(1)..len)
         .map(|i| {
-            let row = &rows[i - 1];
+            let row = &rows[i];
             let argmax = (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
             TokenScore {
                 argmax: argmax as u32,
@@ -114,4 +129,19 @@ fn window_scores(
             }
         })
         .collect())
+}
+
+/// The mask token of an in-place model, None for a next-token model; an in-place model without
+/// a mask token cannot be scored.
+fn in_place_mask(model: &Model) -> Result<Option<u32>> {
+    let d = &model.config().diffusion;
+    match (d.logits_shift, d.mask_token_id) {
+        (Some(false), Some(mask)) => Ok(Some(mask)),
+        (Some(false), None) => Err(EngineError::Input(
+            "this model predicts in place (logits_shift = false) but has no mask_token_id to \
+             score with"
+                .into(),
+        )),
+        _ => Ok(None),
+    }
 }

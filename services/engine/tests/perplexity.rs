@@ -78,3 +78,31 @@ fn windows_are_checked_against_the_model() {
         .to_string();
     assert!(err.contains("stride"), "{err}");
 }
+
+#[test]
+fn an_in_place_model_is_scored_from_a_mask_at_each_position() {
+    // The same weights read as an in-place model (logits_shift = false, mask token 7): token i's
+    // NLL must come from a causal forward of tokens[..i] ‖ [MASK], read at the mask.
+    let name = "qwen3-headdim-f16";
+    let mask = 7;
+    let model = load_model(&fixture(name), &Device::Cpu, DType::F32)
+        .unwrap()
+        .with_diffusion(sdlm_engine::DiffusionConfig {
+            block_size: Some(4),
+            mask_token_id: Some(mask),
+            logits_shift: Some(false),
+        });
+    let tokens: Vec<u32> = (0..11u32).map(|i| (i * 37 + 3) % 120).collect();
+    let score = score_tokens(&model, &tokens, tokens.len(), 5).unwrap();
+    assert_eq!(score.scored_tokens, tokens.len() - 1);
+    for i in 1..tokens.len() {
+        let mut prefix = tokens[..i].to_vec();
+        prefix.push(mask);
+        let rows = logits(&model, &prefix, MaskRule::Causal)
+            .to_vec2::<f32>()
+            .unwrap();
+        let want = -log_softmax_f64(&rows[i])[tokens[i] as usize];
+        let got = score.tokens[i - 1].nll;
+        assert!((got - want).abs() <= 1e-4, "token {i}: {got} vs {want}");
+    }
+}

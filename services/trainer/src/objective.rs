@@ -3,7 +3,7 @@
 //! one attention mask, and its logits over the corrupted half are scored against the clean
 //! tokens, weighted per position (1/t where masked).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use sdlm_engine::Model;
 
 use crate::blocks::Blocks;
@@ -20,34 +20,11 @@ pub fn twin_positions(len: usize) -> Vec<u32> {
     (0..len as u32).chain(0..len as u32).collect()
 }
 
-/// The `[2L, 2L]` additive mask (0 = attends, −∞ = not): a corrupted token sees its own block of
-/// the corrupted half and the clean blocks before it; a clean token sees clean blocks up to and
-/// including its own; nothing sees the corrupted half from the clean one. Built from block ids by
-/// broadcast comparisons, not per-pair loops.
+/// The `[2L, 2L]` additive mask (0 = attends, −∞ = not) of a corrupted ‖ clean input under
+/// `blocks`: the engine's [`sdlm_engine::twin_mask`], which serving's scoring shares.
 pub fn training_mask(len: usize, blocks: &Blocks, device: &Device) -> Result<Tensor, TrainerError> {
-    let ids: Vec<f32> = (0..2 * len)
-        .map(|i| blocks.block_of(i % len) as f32)
-        .collect();
-    let clean: Vec<f32> = (0..2 * len)
-        .map(|i| f32::from(u8::from(i >= len)))
-        .collect();
-    let q_block = Tensor::from_vec(ids.clone(), (2 * len, 1), device)?;
-    let k_block = Tensor::from_vec(ids, (1, 2 * len), device)?;
-    let q_clean = Tensor::from_vec(clean.clone(), (2 * len, 1), device)?;
-    let k_clean = Tensor::from_vec(clean, (1, 2 * len), device)?;
-    let q_corrupt = q_clean.affine(-1.0, 1.0)?;
-    let k_corrupt = k_clean.affine(-1.0, 1.0)?;
-    let f = |t: Tensor| t.to_dtype(DType::F32);
-    let same = f(q_block.broadcast_eq(&k_block)?)?;
-    let earlier = f(k_block.broadcast_lt(&q_block)?)?;
-    let not_later = f(k_block.broadcast_le(&q_block)?)?;
-    let own_block = q_corrupt.broadcast_mul(&k_corrupt)?.mul(&same)?;
-    let clean_context = q_corrupt.broadcast_mul(&k_clean)?.mul(&earlier)?;
-    let clean_causal = q_clean.broadcast_mul(&k_clean)?.mul(&not_later)?;
-    let allowed = ((own_block + clean_context)? + clean_causal)?;
-    let zeros = Tensor::zeros((2 * len, 2 * len), DType::F32, device)?;
-    let blocked = Tensor::full(f32::NEG_INFINITY, (2 * len, 2 * len), device)?;
-    Ok(allowed.gt(0.5)?.where_cond(&zeros, &blocked)?)
+    let ids: Vec<usize> = (0..len).map(|p| blocks.block_of(p)).collect();
+    Ok(sdlm_engine::twin_mask(&ids, device)?)
 }
 
 /// A batch ready for the model: B sequences of L clean tokens, corrupted under one partition.
