@@ -1,8 +1,10 @@
 //! Block-wise parallel decoding (ALGORITHMS.md steps 1–6): open a block of [MASK] tokens after
 //! the committed ones, denoise it with forwards that see the cache and the whole block, unmask
 //! every position whose confidence reaches the threshold (at least one per step), optionally
-//! revise decoded positions, and when no mask is left run one commit forward that writes the
-//! block's keys/values. Committed blocks never change.
+//! revise decoded positions. When no mask is left the block is final: its tokens are emitted at
+//! once, and its keys/values are written by the next forward, which runs the finished block (seeing
+//! only itself and the cache, as a commit forward would) ahead of the next block's masks, so
+//! committing costs no forward of its own. Committed blocks never change.
 
 use std::time::Instant;
 
@@ -25,6 +27,8 @@ pub struct DiffusionDecoder<'m> {
     last_logits: Vec<f32>,
     block: Vec<u32>,
     masked: Vec<bool>,
+    /// The last finished block, emitted but not yet in the cache (written by the next forward).
+    pending: Vec<u32>,
     steps_in_block: usize,
     edits_in_block: usize,
     sampler: Sampler,
@@ -49,6 +53,7 @@ impl<'m> DiffusionDecoder<'m> {
             last_logits,
             block: Vec::new(),
             masked: Vec::new(),
+            pending: Vec::new(),
             steps_in_block: 0,
             edits_in_block: 0,
             sampler: Sampler::new(params),
@@ -75,25 +80,47 @@ impl<'m> DiffusionDecoder<'m> {
     /// The logits row that predicts each block position.
     fn predictions(&mut self) -> Result<Vec<Vec<f32>>> {
         let len = self.block.len();
-        if self.shift {
-            // Block position 0 is predicted by the last committed position; a forward is needed
-            // only for the later ones.
-            let mut out = vec![self.last_logits.clone()];
-            if len > 1 {
-                let logits = self
-                    .model
-                    .forward_cached(&self.block, &mut self.cache, len, false)?;
-                self.progress.stats.denoise_forwards += 1;
-                out.extend(rows(&logits)?.into_iter().take(len - 1));
-            }
-            Ok(out)
-        } else {
-            let logits = self
-                .model
-                .forward_cached(&self.block, &mut self.cache, len, false)?;
-            self.progress.stats.denoise_forwards += 1;
-            rows(&logits)
+        if self.shift && self.pending.is_empty() && len == 1 {
+            // Block position 0 is predicted by the last committed position: no forward needed.
+            return Ok(vec![self.last_logits.clone()]);
         }
+        let logits = self.forward_block()?;
+        let mut rows = rows(&logits)?;
+        if self.shift {
+            // Row i predicts position i + 1; position 0 reads the last committed token's row.
+            let first = self.last_logits.clone();
+            rows.truncate(len - 1);
+            rows.insert(0, first);
+        }
+        Ok(rows)
+    }
+
+    /// One forward of the open block over the cache, with the pending finished block (if any)
+    /// ahead of it and committed by the same forward. Returns the open block's logits.
+    fn forward_block(&mut self) -> Result<candle_core::Tensor> {
+        let len = self.block.len();
+        self.progress.stats.denoise_forwards += 1;
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return self
+                .model
+                .forward_cached(&self.block, &mut self.cache, len, false);
+        }
+        // The finished block is query block 0 and the open one block 1: only the final block of
+        // a generation is shorter than the one before it, so the open block never spills over.
+        let p = pending.len();
+        debug_assert!(len <= p);
+        let mut tokens = pending;
+        tokens.extend_from_slice(&self.block);
+        let logits = self
+            .model
+            .forward_cached_committing(&tokens, &mut self.cache, p, p)?;
+        if self.shift {
+            self.last_logits = rows(&logits.narrow(0, p - 1, 1)?)?
+                .pop()
+                .unwrap_or_default();
+        }
+        Ok(logits.narrow(0, p, len)?)
     }
 
     /// One denoising step over the open block.
@@ -160,17 +187,10 @@ impl<'m> DiffusionDecoder<'m> {
         }
     }
 
-    /// Writes the finished block into the cache and appends it to the completion, cut at the
-    /// first stop token.
+    /// Appends the finished block to the completion, cut at the first stop token, and leaves
+    /// its keys/values to the next forward (none is needed if the generation ends here).
     fn commit(&mut self) -> Result<Vec<u32>> {
         let len = self.block.len();
-        let logits = self
-            .model
-            .forward_cached(&self.block, &mut self.cache, len, true)?;
-        self.progress.stats.commit_forwards += 1;
-        if self.shift {
-            self.last_logits = rows(&logits)?.pop().unwrap_or_default();
-        }
         let cut = self.block.iter().position(|t| self.stop_ids.contains(t));
         let kept = self.block[..cut.unwrap_or(len)].to_vec();
         self.progress.completion.extend_from_slice(&kept);
@@ -179,7 +199,7 @@ impl<'m> DiffusionDecoder<'m> {
         } else if self.progress.completion.len() >= self.params.max_new_tokens {
             self.progress.finish = Some(FinishReason::Length);
         }
-        self.block.clear();
+        self.pending = std::mem::take(&mut self.block);
         self.masked.clear();
         Ok(kept)
     }

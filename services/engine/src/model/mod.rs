@@ -153,9 +153,26 @@ impl Model {
         query_block: usize,
         commit: bool,
     ) -> Result<Tensor> {
+        let commit_len = if commit { tokens.len() } else { 0 };
+        self.forward_cached_committing(tokens, cache, query_block, commit_len)
+    }
+
+    /// [`Model::forward_cached`] that writes only the first `commit_len` tokens' keys and values
+    /// into the cache. A decoder passes a finished block followed by the next block's masks: the
+    /// finished block (its own query block, seeing only itself and the cache) is committed by the
+    /// same forward that takes the first denoising step of the next one.
+    pub fn forward_cached_committing(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        query_block: usize,
+        commit_len: usize,
+    ) -> Result<Tensor> {
         let (ctx, n) = (cache.len(), tokens.len());
-        if n == 0 {
-            return Err(EngineError::Input("no tokens to run".into()));
+        if n == 0 || commit_len > n {
+            return Err(EngineError::Input(format!(
+                "{n} tokens to run, {commit_len} of them to commit"
+            )));
         }
         let device = self.device().clone();
         let input = Tensor::new(tokens, &device)?.unsqueeze(0)?;
@@ -166,8 +183,19 @@ impl Model {
         };
         let mask = rule.additive_rows(ctx..ctx + n, ctx + n, &device)?;
         let (logits, kv) = self.run(&input, &positions, &mask, Some(cache.layers()), Ops::Fast)?;
-        if commit {
+        if commit_len == n {
             cache.replace(kv, ctx + n);
+        } else if commit_len > 0 {
+            let kept = kv
+                .into_iter()
+                .map(|(k, v)| {
+                    Ok((
+                        k.narrow(2, 0, ctx + commit_len)?,
+                        v.narrow(2, 0, ctx + commit_len)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            cache.replace(kept, ctx + commit_len);
         }
         Ok(logits.squeeze(0)?)
     }
