@@ -331,3 +331,32 @@ fn a_step_budget_finishes_each_block_in_that_many_steps() {
     assert_eq!(tokens.len(), 32);
     assert_eq!((s.blocks, s.steps), (2, 8));
 }
+
+#[test]
+fn committing_a_prefix_of_a_forward_equals_committing_it_alone() {
+    // A finished block run ahead of the next block's masks, with only the finished block
+    // committed, must leave the cache as a forward of the finished block alone would.
+    let m = model("qwen3-headdim-f16", false);
+    let prompt: Vec<u32> = (0..7u32).map(|i| (i * 11 + 2) % 120).collect();
+    let finished = [5u32, 9, 13, 17];
+    let probe = [21u32, MASK, MASK];
+    let mut alone = sdlm_engine::KvCache::new();
+    m.forward_cached(&prompt, &mut alone, 1, true).unwrap();
+    let mut fused = sdlm_engine::KvCache::new();
+    m.forward_cached(&prompt, &mut fused, 1, true).unwrap();
+    m.forward_cached(&finished, &mut alone, 4, true).unwrap();
+    let masks = [MASK; 4];
+    let tokens: Vec<u32> = finished.iter().chain(&masks).copied().collect();
+    m.forward_cached_committing(&tokens, &mut fused, 4, 4)
+        .unwrap();
+    assert_eq!((alone.len(), fused.len()), (11, 11));
+    // Same cache, same logits for whatever comes next.
+    let a = m.forward_cached(&probe, &mut alone, 3, false).unwrap();
+    let b = m.forward_cached(&probe, &mut fused, 3, false).unwrap();
+    let d = common::max_abs_diff(&a, &b);
+    assert!(d <= 1e-5, "{d}");
+    // Committing more tokens than were run is refused.
+    assert!(m
+        .forward_cached_committing(&probe, &mut fused, 3, 4)
+        .is_err());
+}
