@@ -163,3 +163,25 @@ fn a_stop_string_cuts_the_text_before_it() {
     );
     assert_eq!(cut["finish_reason"], "stop_string");
 }
+
+#[test]
+fn the_shipped_model_generates_by_block_diffusion() {
+    // The README's first command, on the model in models/.
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code");
+    let out = sdlm(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            "40",
+            "--json",
+            "def parse_header(line):\n",
+        ],
+        None,
+    );
+    let v = last_json(&out);
+    assert_eq!(v["tokens"].as_u64(), Some(40), "{v}");
+    assert!(v["steps"].as_u64().unwrap() >= 2, "{v}");
+    assert!(!v["text"].as_str().unwrap().is_empty());
+}
