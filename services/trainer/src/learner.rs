@@ -55,7 +55,7 @@ pub struct Learner {
 }
 
 /// What one optimiser step measured.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct StepStats {
     pub loss: f64,
     pub mask_loss: f64,

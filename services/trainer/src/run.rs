@@ -16,7 +16,7 @@ use crate::corrupt::Stage;
 use crate::data::{TokenShard, Windows};
 use crate::error::TrainerError;
 use crate::eval::{evaluate, token_bytes, HeldOut};
-use crate::learner::{hf_config, Learner};
+use crate::learner::{hf_config, Learner, StepStats};
 use crate::objective::Batch;
 use crate::optim::learning_rate;
 use crate::prepare::{prepare, write, Prepared, RunPaths, MASK_ID, PAD_ID};
@@ -44,12 +44,9 @@ pub struct StepLog {
     pub stage: u8,
     pub block_size: usize,
     pub lr: f64,
-    pub loss: f64,
-    pub mask_loss: f64,
-    pub edit_loss: f64,
-    pub grad_norm: f64,
-    pub edits: usize,
-    pub levenshtein: usize,
+    /// Loss, its mask and edit parts, gradient norm, edits and their Levenshtein distance.
+    #[serde(flatten)]
+    pub stats: StepStats,
     pub tokens_per_s: f64,
     pub tokens_seen: u64,
     pub elapsed_s: f64,
@@ -160,12 +157,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
             stage: if stage == Stage::Mask { 1 } else { 2 },
             block_size: size,
             lr,
-            loss: stats.loss,
-            mask_loss: stats.mask_loss,
-            edit_loss: stats.edit_loss,
-            grad_norm: stats.grad_norm,
-            edits: stats.edits,
-            levenshtein: stats.levenshtein,
+            stats,
             tokens_per_s: settings.tokens_per_step() as f64 / seconds,
             tokens_seen: state.tokens_seen,
             elapsed_s: state.elapsed_s,
@@ -179,19 +171,12 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
             bar.set_position(state.step as u64);
             bar.set_message(format!(
                 "stage {} loss {:.3} {:.0} tok/s",
-                row.stage, row.loss, row.tokens_per_s
+                row.stage, row.stats.loss, row.tokens_per_s
             ));
         }
         if state.step % settings.eval_every == 0 && state.step < settings.steps {
             let n = settings.eval_tokens.min(held_out.len());
-            let e = evaluate(
-                &learner.model,
-                &held_out[..n],
-                &bytes_of,
-                settings.seq_len,
-                settings.batch_size,
-                MASK_ID,
-            )?;
+            let e = score_held_out(&learner, &held_out[..n], &bytes_of, &settings)?;
             append(
                 &mut log,
                 &paths,
@@ -209,14 +194,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
     let finished = !interrupted && state.step >= settings.steps;
     let mut final_eval = None;
     if finished {
-        let e = evaluate(
-            &learner.model,
-            &held_out,
-            &bytes_of,
-            settings.seq_len,
-            settings.batch_size,
-            MASK_ID,
-        )?;
+        let e = score_held_out(&learner, &held_out, &bytes_of, &settings)?;
         append(
             &mut log,
             &paths,
@@ -244,6 +222,23 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
         write(&paths.0.join("summary.json"), text.as_bytes())?;
     }
     Ok(report)
+}
+
+/// Held-out evaluation of the model in training, in the run's window and batch.
+fn score_held_out(
+    learner: &Learner,
+    tokens: &[u32],
+    bytes_of: &[usize],
+    settings: &Settings,
+) -> Result<HeldOut, TrainerError> {
+    evaluate(
+        &learner.model,
+        tokens,
+        bytes_of,
+        settings.seq_len,
+        settings.batch_size,
+        MASK_ID,
+    )
 }
 
 /// The run's settings: a new run's (refusing a directory that already holds another run), or

@@ -104,15 +104,7 @@ impl Model {
         mask: &Tensor,
     ) -> Result<Tensor> {
         let (_, len) = input_ids.dims2()?;
-        if positions.len() != len || mask.dims() != [len, len] {
-            return Err(EngineError::Input(format!(
-                "{} positions and a {:?} mask for {len} tokens",
-                positions.len(),
-                mask.dims()
-            )));
-        }
-        self.run(input_ids, positions, mask, None, Ops::Differentiable)
-            .map(|(logits, _)| logits)
+        self.forward_train_rows(input_ids, positions, mask, 0..len)
     }
 
     /// [`Model::forward_train`] with logits for the columns `rows` only: the block-diffusion
