@@ -14,6 +14,9 @@ PATH="$root/bin:$PATH" CUDA_HOME="$root" cargo test -p sdlm-kernels --features c
 # sdlm against llama.cpp on SmolLM2 (downloads 92 MB once; builds llama-cpp-python once, ~6 min).
 scripts/check-llama-cpp.sh
 
+# The cluster tests start a real etcd (Debian's etcd-server).
+scripts/install-etcd.sh >/dev/null
+
 # Every test of the workspace; the last line totals them (cargo's own last line is often a
 # doc-test run with nothing in it).
 log=$(mktemp)

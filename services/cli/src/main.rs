@@ -1,9 +1,11 @@
 //! sdlm: the one user-facing binary.
 
 mod bench;
+mod cluster;
 mod generate;
 mod parse_rate;
 mod perplexity;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,14 @@ enum Command {
     Generate(generate::Args),
     /// Teacher-forced scoring of a text file.
     Perplexity(perplexity::Args),
+    /// Serve a model over gRPC: gateway, scheduler and one worker in one process.
+    Serve(serve::Args),
+    /// The public gRPC gateway of a cluster.
+    Gateway(cluster::GatewayArgs),
+    /// The scheduler of a cluster.
+    Scheduler(cluster::SchedulerArgs),
+    /// A worker of a cluster (one engine).
+    Worker(cluster::WorkerArgs),
     /// Train a block-diffusion code model (two-stage curriculum) from a preset.
     Train(train::Args),
 }
@@ -36,6 +46,10 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Gateway(args) => cluster::gateway(args),
+        Command::Scheduler(args) => cluster::scheduler(args),
+        Command::Worker(args) => cluster::worker(args),
         Command::Train(args) => train::run_cli(args),
     }
 }

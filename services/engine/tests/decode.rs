@@ -360,3 +360,42 @@ fn committing_a_prefix_of_a_forward_equals_committing_it_alone() {
         .forward_cached_committing(&probe, &mut fused, 3, 4)
         .is_err());
 }
+
+/// A sequence moved to another worker after any number of committed blocks continues exactly
+/// as the uninterrupted run: the replay rebuilds the cache with the masks the first run used.
+#[test]
+fn resuming_after_committed_blocks_continues_the_uninterrupted_run() {
+    use sdlm_engine::decode::decoder_resuming;
+    for shift in [false, true] {
+        let m = model("qwen2-tied-bf16", shift);
+        for (mode, block_size) in [
+            (Mode::Diffusion, 4),
+            (Mode::Diffusion, 1),
+            (Mode::Autoregressive, 4),
+        ] {
+            let p = DecodingParams {
+                mode,
+                block_size,
+                max_new_tokens: 22,
+                ..DecodingParams::default()
+            };
+            let (whole, _, _) = run(&m, PROMPT, &p);
+            let step = if mode == Mode::Diffusion {
+                block_size
+            } else {
+                1
+            };
+            for cut in (step..whole.len()).step_by(step * 2) {
+                let mut d = decoder_resuming(&m, PROMPT, &whole[..cut], &p).unwrap();
+                while d.finished().is_none() {
+                    d.step().unwrap();
+                }
+                assert_eq!(
+                    d.completion(),
+                    &whole[..],
+                    "shift {shift}, {mode:?}, B {block_size}, resumed after {cut}"
+                );
+            }
+        }
+    }
+}

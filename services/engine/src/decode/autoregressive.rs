@@ -36,6 +36,20 @@ impl<'m> AutoregressiveDecoder<'m> {
             },
         })
     }
+
+    /// Continues after `committed` completion tokens: prompt and committed tokens are one causal
+    /// prefix, exactly what the token-by-token run cached.
+    pub fn resume(
+        model: &'m Model,
+        prompt: &[u32],
+        committed: &[u32],
+        params: &DecodingParams,
+    ) -> Result<Self> {
+        let sequence: Vec<u32> = prompt.iter().chain(committed).copied().collect();
+        let mut decoder = Self::new(model, &sequence, params)?;
+        decoder.progress.completion = committed.to_vec();
+        Ok(decoder)
+    }
 }
 
 impl Decoder for AutoregressiveDecoder<'_> {

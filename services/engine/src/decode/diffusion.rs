@@ -65,6 +65,31 @@ impl<'m> DiffusionDecoder<'m> {
         })
     }
 
+    /// Continues after `committed` completion tokens, whole blocks of `block_size` (only a
+    /// generation's last block is shorter, and a finished generation is never resumed). The
+    /// committed blocks before the last are written into the cache by one forward, each its own
+    /// query block; the last one is left pending, as the first run leaves a finished block, so
+    /// the next block's first forward commits it.
+    pub fn resume(
+        model: &'m Model,
+        prompt: &[u32],
+        committed: &[u32],
+        params: &DecodingParams,
+    ) -> Result<Self> {
+        let mut decoder = Self::new(model, prompt, params)?;
+        let block = params.block_size;
+        let last_start = committed.len().saturating_sub(1) / block * block;
+        if last_start > 0 {
+            let start = Instant::now();
+            model.forward_cached(&committed[..last_start], &mut decoder.cache, block, true)?;
+            decoder.progress.stats.prefill_forwards += 1;
+            decoder.progress.stats.prefill_seconds += start.elapsed().as_secs_f64();
+        }
+        decoder.pending = committed[last_start..].to_vec();
+        decoder.progress.completion = committed.to_vec();
+        Ok(decoder)
+    }
+
     fn open_block(&mut self) {
         let len = self
             .params

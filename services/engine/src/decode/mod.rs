@@ -10,7 +10,7 @@ mod sampling;
 
 pub use autoregressive::AutoregressiveDecoder;
 pub use diffusion::DiffusionDecoder;
-pub use params::{DecodingParams, Mode, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
+pub use params::{DecodingParams, Mode, ModelLimits, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use sampling::{softmax, Pick, Sampler};
 
 use crate::error::{EngineError, Result};
@@ -110,6 +110,48 @@ pub fn decoder_for<'m>(
             Box::new(DiffusionDecoder::new(model, prompt, &p)?)
         }
         Mode::Diffusion => Box::new(DiffusionDecoder::new(model, prompt, params)?),
+    })
+}
+
+/// The decoder of a sequence that has already committed `committed` tokens (on a worker that
+/// died or drained): the prompt and the committed blocks are replayed into a new cache with the
+/// attention masks the first run used (the prompt causal, each committed block bidirectional
+/// inside itself), so the continuation is the one the first run would have written, up to
+/// floating-point differences between one wide forward and several narrow ones. Sampling with a
+/// temperature restarts its random stream from `seed`, so only greedy decoding continues
+/// token for token.
+pub fn decoder_resuming<'m>(
+    model: &'m Model,
+    prompt: &[u32],
+    committed: &[u32],
+    params: &DecodingParams,
+) -> Result<Box<dyn Decoder + 'm>> {
+    if committed.is_empty() {
+        return decoder_for(model, prompt, params);
+    }
+    params
+        .validate(model.config(), prompt.len())
+        .map_err(EngineError::Input)?;
+    if committed.len() >= params.max_new_tokens {
+        return Err(EngineError::Input(format!(
+            "{} tokens are already committed; max_new_tokens is {}, so nothing is left to decode",
+            committed.len(),
+            params.max_new_tokens
+        )));
+    }
+    let shift = model.config().diffusion.logits_shift.unwrap_or(true);
+    Ok(match params.mode {
+        Mode::Autoregressive if shift => Box::new(AutoregressiveDecoder::resume(
+            model, prompt, committed, params,
+        )?),
+        Mode::Autoregressive => {
+            let p = DecodingParams {
+                block_size: 1,
+                ..params.clone()
+            };
+            Box::new(DiffusionDecoder::resume(model, prompt, committed, &p)?)
+        }
+        Mode::Diffusion => Box::new(DiffusionDecoder::resume(model, prompt, committed, params)?),
     })
 }
 

@@ -73,6 +73,28 @@ impl Default for DecodingParams {
     }
 }
 
+/// What validation and defaults need to know of a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Prompt plus completion tokens.
+    pub context: usize,
+    pub vocab_size: usize,
+    pub has_mask_token: bool,
+    /// The block size the model was trained for, if it names one.
+    pub block_size: Option<usize>,
+}
+
+impl ModelLimits {
+    pub fn of(config: &ModelConfig) -> Self {
+        Self {
+            context: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
+            has_mask_token: config.diffusion.mask_token_id.is_some(),
+            block_size: config.diffusion.block_size,
+        }
+    }
+}
+
 /// Block size when neither the caller nor the model names one (SDAR and Fast-dLLM use 32 or less).
 pub const DEFAULT_BLOCK_SIZE: usize = 32;
 pub const MAX_BLOCK_SIZE: usize = 256;
@@ -81,14 +103,18 @@ impl DecodingParams {
     /// Defaults for this model: diffusion with its block size when it has a mask token,
     /// autoregressive otherwise.
     pub fn for_model(config: &ModelConfig) -> Self {
-        let d = &config.diffusion;
+        Self::for_limits(&ModelLimits::of(config))
+    }
+
+    /// [`DecodingParams::for_model`] from what a service knows of a remote model.
+    pub fn for_limits(limits: &ModelLimits) -> Self {
         Self {
-            mode: if d.mask_token_id.is_some() {
+            mode: if limits.has_mask_token {
                 Mode::Diffusion
             } else {
                 Mode::Autoregressive
             },
-            block_size: d.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
+            block_size: limits.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
             ..Self::default()
         }
     }
@@ -96,6 +122,12 @@ impl DecodingParams {
     /// Checks every field against its range and the model; the message names the field and
     /// the limit.
     pub fn validate(&self, config: &ModelConfig, prompt_tokens: usize) -> Result<(), String> {
+        self.validate_for(&ModelLimits::of(config), prompt_tokens)
+    }
+
+    /// [`DecodingParams::validate`] against a model known only by its limits (the gateway's
+    /// view of a model that workers serve).
+    pub fn validate_for(&self, limits: &ModelLimits, prompt_tokens: usize) -> Result<(), String> {
         if !(1..=MAX_BLOCK_SIZE).contains(&self.block_size) {
             return Err(format!(
                 "block_size is {}; it must be between 1 and {MAX_BLOCK_SIZE}",
@@ -129,7 +161,7 @@ impl DecodingParams {
         if self.max_steps_per_block == Some(0) {
             return Err("max_steps_per_block is 0; it must be at least 1 when set".into());
         }
-        let context = config.max_position_embeddings;
+        let context = limits.context;
         if prompt_tokens == 0 {
             return Err("the prompt is empty; it needs at least 1 token".into());
         }
@@ -142,14 +174,14 @@ impl DecodingParams {
         if let Some(&bad) = self
             .stop_token_ids
             .iter()
-            .find(|&&t| t as usize >= config.vocab_size)
+            .find(|&&t| t as usize >= limits.vocab_size)
         {
             return Err(format!(
                 "stop token {bad} is outside the vocabulary of {}",
-                config.vocab_size
+                limits.vocab_size
             ));
         }
-        if self.mode == Mode::Diffusion && config.diffusion.mask_token_id.is_none() {
+        if self.mode == Mode::Diffusion && !limits.has_mask_token {
             return Err(
                 "mode is diffusion but the model has no mask_token_id (config.json or sdlm.json)"
                     .into(),

@@ -1,0 +1,85 @@
+//! `sdlm serve`: gateway + scheduler + one worker in one process, with static discovery and no
+//! etcd. The same code as the separate processes, talking gRPC over loopback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{runtime, stop_on_signal, WorkerTuning};
+
+/// Serve a model over gRPC (sdlm.v1.Generation) with metrics, in one process.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory or .gguf file.
+    #[arg(long, env = "SDLM_MODEL")]
+    model: PathBuf,
+    /// The name clients ask for (default: the directory or file name).
+    #[arg(long, env = "SDLM_MODEL_NAME")]
+    model_name: Option<String>,
+    #[arg(long, env = "SDLM_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    #[arg(long, env = "SDLM_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    metrics_listen: SocketAddr,
+    /// A file of bearer-token API keys, one per line; without it no key is asked for.
+    #[arg(long, env = "SDLM_API_KEYS")]
+    api_keys: Option<PathBuf>,
+    /// Sequences that may wait for room; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SDLM_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
+    #[command(flatten)]
+    tuning: WorkerTuning,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    sdlm_runtime::init_logging();
+    runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        stop_on_signal(shutdown.clone());
+        let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)
+            .await
+            .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+
+        let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut worker = sdlm_worker::WorkerConfig::new(args.model.clone(), loopback);
+        worker.model_name = args.model_name.clone();
+        args.tuning.apply(&mut worker);
+        // The worker stops last: it drains after the gateway and scheduler stop taking work.
+        let worker_stop = CancellationToken::new();
+        let worker = sdlm_worker::start(worker, worker_stop.clone()).await?;
+
+        let mut scheduler = sdlm_scheduler::SchedulerConfig::new(loopback);
+        scheduler.workers = vec![worker.addr.to_string()];
+        scheduler.max_queue = args.max_queue;
+        let scheduler = sdlm_scheduler::start(scheduler, shutdown.clone()).await?;
+        if !scheduler
+            .wait_for_workers(1, std::time::Duration::from_secs(60))
+            .await
+        {
+            anyhow::bail!("the worker did not become ready within 60 s");
+        }
+
+        let gateway = sdlm_gateway::start(
+            sdlm_gateway::GatewayConfig {
+                listen: args.listen,
+                etcd: Vec::new(),
+                scheduler: Some(scheduler.addr.to_string()),
+                api_keys: args.api_keys.clone(),
+            },
+            shutdown.clone(),
+        )
+        .await?;
+        println!(
+            "sdlm serve: gRPC on {}, metrics on http://{}/metrics, model {}",
+            gateway.addr,
+            metrics.addr,
+            args.model.display()
+        );
+        gateway.task.await??;
+        scheduler.task.await??;
+        worker_stop.cancel();
+        worker.task.await??;
+        Ok(())
+    })
+}

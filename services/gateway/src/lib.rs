@@ -1,0 +1,105 @@
+//! sdlm-gateway: the public `sdlm.v1.Generation` service. Validates every field (naming the
+//! field and the limit), checks API keys, tokenizes with the served model's tokenizer, submits
+//! to the scheduler (fixed, or the etcd election's leader), and streams one message per
+//! committed block with UTF-8 kept whole across block boundaries.
+
+mod auth;
+mod catalog;
+mod params;
+mod service;
+mod text;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sdlm_proto::v1::generation_server::GenerationServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use auth::ApiKeys;
+pub use text::TextStream;
+use upstream::{Schedulers, Upstream};
+
+mod upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub etcd: Vec<String>,
+    /// A fixed scheduler address (without etcd).
+    pub scheduler: Option<String>,
+    pub api_keys: Option<PathBuf>,
+}
+
+pub struct StartedGateway {
+    pub addr: SocketAddr,
+    pub task: JoinHandle<Result<(), GatewayError>>,
+}
+
+pub async fn start(
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+) -> Result<StartedGateway, GatewayError> {
+    let upstream = match (&config.scheduler, config.etcd.is_empty()) {
+        (Some(addr), true) => Upstream::Fixed(addr.clone()),
+        (None, false) => {
+            let (leader, _task) = sdlm_runtime::etcd::follow_leader(config.etcd.clone());
+            Upstream::Leader(leader)
+        }
+        (Some(_), false) => {
+            return Err(GatewayError::Config(
+                "give either --scheduler or --etcd, not both".into(),
+            ))
+        }
+        (None, true) => {
+            return Err(GatewayError::Config(
+                "give --scheduler ADDR or --etcd URLS: the gateway needs a scheduler".into(),
+            ))
+        }
+    };
+    let keys = match &config.api_keys {
+        Some(path) => Some(ApiKeys::load(path).map_err(GatewayError::Config)?),
+        None => None,
+    };
+    let service = service::GenerationService {
+        catalog: Arc::new(catalog::Catalog::default()),
+        schedulers: Arc::new(Schedulers::new(upstream)),
+    };
+    let bound = sdlm_runtime::bind(config.listen)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = bound.addr;
+    let (health, health_service) = sdlm_runtime::health_service();
+    health
+        .set_serving::<GenerationServer<service::GenerationService>>()
+        .await;
+    let generation = GenerationServer::with_interceptor(service, move |request| match &keys {
+        Some(keys) => keys.check(request),
+        None => Ok(request),
+    });
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(sdlm_runtime::reflection_service())
+        .add_service(generation)
+        .serve_with_incoming_shutdown(bound.incoming, shutdown.cancelled_owned());
+    tracing::info!(%addr, auth = config.api_keys.is_some(), "gateway serving");
+    let task = tokio::spawn(async move { server.await.map_err(GatewayError::from) });
+    Ok(StartedGateway { addr, task })
+}

@@ -1,0 +1,15 @@
+//! sdlm-runtime: what every sdlm process (gateway, scheduler, worker, or all three in `sdlm serve`)
+//! shares: metrics and `/metrics`, logging and trace context, gRPC server plumbing, etcd discovery.
+
+pub mod deadline;
+pub mod etcd;
+mod http;
+mod metrics;
+mod server;
+mod trace;
+pub mod wire;
+
+pub use http::{serve_metrics, MetricsServer};
+pub use metrics::{metrics, status_label, Metrics};
+pub use server::{bind, health_service, reflection_service, termination, Bound};
+pub use trace::{init_logging, TraceContext, TRACEPARENT};
