@@ -71,12 +71,24 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `sdlm ARGS` and waits for its line with "gRPC on ADDR"; returns it and ADDR.
+    /// Starts `sdlm ARGS` and waits for its line with "gRPC on ADDR"; returns it, ADDR and the
+    /// metrics address when it printed one.
     pub fn sdlm(name: &str, args: &[&str], dir: &Path) -> (Self, String, Option<String>) {
+        Self::sdlm_with_env(name, args, &[], dir)
+    }
+
+    /// [`Proc::sdlm`] with extra environment variables.
+    pub fn sdlm_with_env(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> (Self, String, Option<String>) {
         let log = dir.join(format!("{name}.log"));
         let err = std::fs::File::create(&log).expect("log file");
         let mut child = Command::new(sdlm())
             .args(args)
+            .envs(env.iter().copied())
             .env("SDLM_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(err)

@@ -1,6 +1,7 @@
 //! `sdlm bench`: autoregressive and diffusion decoding of the same model on the same prompts in
 //! one process, every configuration in turn, then the time of one forward over n tokens next to
-//! this machine's floor for it. A benchmark prints measurements; it asserts nothing.
+//! this machine's floor for it. With `--target`, a load generator over gRPC instead (`load.rs`).
+//! A benchmark prints measurements; it asserts nothing.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,8 +14,15 @@ use crate::parse_rate::{first_definition, parses};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, env = "SDLM_MODEL")]
-    model: PathBuf,
+    /// The model to decode in this process (with --target: the in-process baseline).
+    #[arg(long, env = "SDLM_MODEL", required_unless_present = "target")]
+    model: Option<PathBuf>,
+    /// A gateway (or `sdlm serve`) address: run the prompts over gRPC at each --concurrency.
+    #[arg(long)]
+    target: Option<String>,
+    /// Concurrent clients for --target, e.g. 1,4,16.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    concurrency: Vec<usize>,
     /// JSON lines, each with a "prompt" string.
     #[arg(long)]
     prompts: PathBuf,
@@ -47,10 +55,10 @@ struct Row {
     prompts: usize,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let (model, tokenizer) = open_model(&args.model, &Device::Cpu)?;
-    let text = std::fs::read_to_string(&args.prompts)
-        .with_context(|| format!("{}: cannot read", args.prompts.display()))?;
+/// The "prompt" of each JSON line of `path`, the first `limit` of them.
+pub fn read_prompts(path: &std::path::Path, limit: Option<usize>) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     let mut prompts = Vec::new();
     for (i, line) in text
         .lines()
@@ -58,16 +66,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", args.prompts.display(), i + 1))?;
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
         match v.get("prompt").and_then(|p| p.as_str()) {
             Some(p) => prompts.push(p.to_string()),
-            None => bail!("{}:{}: no \"prompt\" string", args.prompts.display(), i + 1),
+            None => bail!("{}:{}: no \"prompt\" string", path.display(), i + 1),
         }
     }
-    prompts.truncate(args.limit.unwrap_or(usize::MAX));
+    prompts.truncate(limit.unwrap_or(usize::MAX));
     if prompts.is_empty() {
-        bail!("{}: no prompts", args.prompts.display());
+        bail!("{}: no prompts", path.display());
     }
+    Ok(prompts)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let prompts = read_prompts(&args.prompts, args.limit)?;
+    if let Some(target) = &args.target {
+        return crate::load::run(crate::load::Load {
+            target,
+            prompts: &prompts,
+            concurrency: &args.concurrency,
+            max_new_tokens: args.max_new_tokens,
+            model: args.model.as_deref(),
+            json: args.json,
+        });
+    }
+    let Some(model_path) = args.model.clone() else {
+        bail!("give --model PATH (or --target ADDR for a gRPC load test)");
+    };
+    let (model, tokenizer) = open_model(&model_path, &Device::Cpu)?;
     let has_mask = model.config().diffusion.mask_token_id.is_some();
     let modes = if args.mode.is_empty() {
         if has_mask {
@@ -131,11 +158,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
-    report(&args, &model, &rows)?;
-    forward_floor(&model, &args.model)
+    report(&args, &model_path, &model, &rows)?;
+    forward_floor(&model, &model_path)
 }
 
-fn report(args: &Args, model: &Model, rows: &[Row]) -> anyhow::Result<()> {
+fn report(args: &Args, path: &std::path::Path, model: &Model, rows: &[Row]) -> anyhow::Result<()> {
     let ar_tps = rows
         .iter()
         .find(|r| r.mode == Mode::Autoregressive)
@@ -143,7 +170,7 @@ fn report(args: &Args, model: &Model, rows: &[Row]) -> anyhow::Result<()> {
     if !args.json {
         println!(
             "model {} ({} layers, hidden {}), {} prompts, max_new_tokens {}, CPU, {} threads, concurrency 1",
-            args.model.display(),
+            path.display(),
             model.config().num_hidden_layers,
             model.config().hidden_size,
             rows.first().map_or(0, |r| r.prompts),

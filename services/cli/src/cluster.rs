@@ -83,8 +83,9 @@ pub struct WorkerArgs {
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    sdlm_runtime::init_logging();
     runtime()?.block_on(async move {
+        // Flushes exported spans when the command returns.
+        let _telemetry = sdlm_runtime::init_telemetry("sdlm-worker");
         let shutdown = CancellationToken::new();
         stop_on_signal(shutdown.clone());
         let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)
@@ -141,8 +142,9 @@ pub struct SchedulerArgs {
 }
 
 pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
-    sdlm_runtime::init_logging();
     runtime()?.block_on(async move {
+        // Flushes exported spans when the command returns.
+        let _telemetry = sdlm_runtime::init_telemetry("sdlm-scheduler");
         let shutdown = CancellationToken::new();
         stop_on_signal(shutdown.clone());
         let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)
@@ -190,8 +192,9 @@ pub struct GatewayArgs {
 }
 
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    sdlm_runtime::init_logging();
     runtime()?.block_on(async move {
+        // Flushes exported spans when the command returns.
+        let _telemetry = sdlm_runtime::init_telemetry("sdlm-gateway");
         let shutdown = CancellationToken::new();
         stop_on_signal(shutdown.clone());
         let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)

@@ -3,6 +3,7 @@
 mod bench;
 mod cluster;
 mod generate;
+mod load;
 mod parse_rate;
 mod perplexity;
 mod serve;

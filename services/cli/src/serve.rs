@@ -33,8 +33,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    sdlm_runtime::init_logging();
     runtime()?.block_on(async move {
+        // Flushes exported spans when the command returns.
+        let _telemetry = sdlm_runtime::init_telemetry("sdlm-serve");
         let shutdown = CancellationToken::new();
         stop_on_signal(shutdown.clone());
         let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)

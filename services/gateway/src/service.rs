@@ -13,12 +13,13 @@ use sdlm_proto::v1::{
     ListModelsResponse, RunRequest, SequenceEvent, Usage,
 };
 use sdlm_runtime::deadline::{deadline_of, remaining};
-use sdlm_runtime::{metrics, status_label, TraceContext};
+use sdlm_runtime::{metrics, status_label};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::catalog::{Catalog, Served};
 use crate::params::{request_id, resolve};
@@ -40,7 +41,8 @@ struct Prepared {
     params: DecodingParams,
     request_id: String,
     deadline: Option<Instant>,
-    trace: TraceContext,
+    /// The request's span, continuing the caller's trace when it sent one.
+    span: tracing::Span,
     started: Instant,
 }
 
@@ -57,7 +59,10 @@ impl GenerationService {
     ) -> Result<Prepared, Status> {
         let started = Instant::now();
         let request_id = request_id(given_id)?;
+        let span = tracing::info_span!("generate", request_id = %request_id, model = tracing::field::Empty);
+        sdlm_runtime::continue_trace(&span, metadata);
         let served = self.catalog.get(&self.schedulers, model).await?;
+        span.record("model", served.info.name.as_str());
         let prompt = prompt.tokens(&served)?;
         let params = resolve(params, &served.limits, prompt.len())?;
         Ok(Prepared {
@@ -66,9 +71,7 @@ impl GenerationService {
             params,
             request_id,
             deadline: deadline_of(metadata),
-            trace: TraceContext::from_metadata(metadata)
-                .map(|t| t.child())
-                .unwrap_or_else(TraceContext::new_root),
+            span,
             started,
         })
     }
@@ -78,7 +81,9 @@ impl GenerationService {
     fn launch(&self, p: Prepared) -> Pieces {
         let (tx, rx) = mpsc::channel(16);
         let schedulers = Arc::clone(&self.schedulers);
-        tokio::spawn(async move {
+        let span = p.span.clone();
+        tokio::spawn(
+            async move {
             let outcome = pieces(&schedulers, &p, &tx).await;
             let label = match &outcome {
                 Ok(()) => "ok".to_string(),
@@ -86,9 +91,12 @@ impl GenerationService {
             };
             metrics().request_done("gateway", &label, p.started.elapsed().as_secs_f64());
             if let Err(status) = outcome {
+                tracing::info!(code = ?status.code(), error = status.message(), "request failed");
                 let _ = tx.send(Err(status)).await;
             }
-        });
+        }
+            .instrument(span),
+        );
         rx
     }
 }
@@ -243,7 +251,7 @@ async fn submit(
         committed_tokens: committed.to_vec(),
         params: Some(sdlm_runtime::wire::to_wire(&p.params)),
     });
-    p.trace.inject(request.metadata_mut());
+    sdlm_runtime::propagate(&p.span, request.metadata_mut());
     if let Some(d) = p.deadline {
         if remaining(d).is_zero() {
             return Err(Status::deadline_exceeded("the request's deadline passed"));

@@ -12,4 +12,4 @@ pub mod wire;
 pub use http::{serve_metrics, MetricsServer};
 pub use metrics::{metrics, status_label, Metrics};
 pub use server::{bind, health_service, reflection_service, termination, Bound};
-pub use trace::{init_logging, TraceContext, TRACEPARENT};
+pub use trace::{continue_trace, init_telemetry, propagate, trace_id, Telemetry, TRACEPARENT};

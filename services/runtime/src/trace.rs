@@ -1,148 +1,189 @@
-//! Logging setup and W3C trace context (`traceparent`) carried in gRPC metadata from gateway to
-//! scheduler to worker, so that one request's spans share a trace id across processes.
+//! Logging, spans and W3C trace context. Every process installs an OpenTelemetry tracer under
+//! `tracing`, so spans always have trace and span ids and `traceparent` travels in gRPC metadata
+//! from gateway to scheduler to worker; spans are exported over OTLP/gRPC only when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the exporter reads the other `OTEL_…` variables too).
 
-use std::fmt::Write;
-
-use rand::Rng;
-use tonic::metadata::MetadataMap;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The metadata key of W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
 
-/// Logs to stderr, filtered by `SDLM_LOG` (default `info`), e.g. `SDLM_LOG=sdlm_scheduler=debug`.
-pub fn init_logging() {
+/// Keeps the tracer alive; flushes and stops the exporter when dropped.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Logs to stderr, filtered by `SDLM_LOG` (default `info`), e.g. `SDLM_LOG=sdlm_scheduler=debug`;
+/// spans of `service` exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Call it once per
+/// process, inside the tokio runtime (the exporter and its batches live there), and keep the
+/// value: dropping it stops the tracer the process-wide subscriber uses.
+pub fn init_telemetry(service: &str) -> Telemetry {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SDLM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A second initialisation (tests, `sdlm serve` after a library set one) keeps the first.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
-/// A trace id and the id of the span that made the call (W3C trace context, version 00).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TraceContext {
-    pub trace_id: [u8; 16],
-    pub parent_id: [u8; 8],
-    pub sampled: bool,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-impl TraceContext {
-    /// A new trace (the gateway, when the client sent none).
-    pub fn new_root() -> Self {
-        let mut rng = rand::rng();
-        Self {
-            trace_id: rng.random(),
-            parent_id: rng.random(),
-            sampled: true,
+    let mut provider = SdkTracerProvider::builder().with_resource(
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name(service.to_string())
+            .build(),
+    );
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok();
+    let mut export_error = None;
+    if endpoint.is_some() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+        {
+            Ok(exporter) => {
+                let batches = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+                    exporter,
+                    opentelemetry_sdk::runtime::Tokio,
+                )
+                .build();
+                provider = provider.with_span_processor(batches);
+            }
+            Err(e) => export_error = Some(e.to_string()),
         }
     }
-
-    /// The same trace, called from a new span.
-    pub fn child(&self) -> Self {
-        Self {
-            parent_id: rand::rng().random(),
-            ..*self
-        }
-    }
-
-    /// Parses a `traceparent` value; None for anything malformed or all-zero (the spec's
-    /// invalid ids), so a bad header starts a new trace instead of failing the request.
-    pub fn parse(value: &str) -> Option<Self> {
-        let mut parts = value.trim().split('-');
-        let (version, trace, parent, flags) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if version != "00" || parts.next().is_some() {
-            return None;
-        }
-        let trace_id: [u8; 16] = unhex(trace)?;
-        let parent_id: [u8; 8] = unhex(parent)?;
-        let flags: [u8; 1] = unhex(flags)?;
-        if trace_id == [0; 16] || parent_id == [0; 8] {
-            return None;
-        }
-        Some(Self {
-            trace_id,
-            parent_id,
-            sampled: flags[0] & 1 == 1,
-        })
-    }
-
-    pub fn from_metadata(metadata: &MetadataMap) -> Option<Self> {
-        Self::parse(metadata.get(TRACEPARENT)?.to_str().ok()?)
-    }
-
-    pub fn header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.parent_id),
-            u8::from(self.sampled)
+    let provider = provider.build();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("sdlm"));
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
+        .with(otel)
+        .try_init();
+    match (&endpoint, export_error) {
+        (Some(e), None) => tracing::info!(endpoint = e, "exporting spans over OTLP"),
+        (Some(e), Some(err)) => {
+            tracing::warn!(
+                endpoint = e,
+                error = err,
+                "OTLP exporter not started; spans stay local"
+            )
+        }
+        (None, _) => {}
     }
+    Telemetry { provider }
+}
 
-    pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+struct MetadataExtractor<'a>(&'a MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
     }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
 
-    /// Writes this context into outgoing metadata.
-    pub fn inject(&self, metadata: &mut MetadataMap) {
-        if let Ok(value) = self.header().parse() {
-            metadata.insert(TRACEPARENT, value);
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(k, v);
         }
     }
+}
+
+/// Makes the caller's trace (a `traceparent` in `metadata`, if valid) the parent of `span`.
+pub fn continue_trace(span: &tracing::Span, metadata: &MetadataMap) {
+    let parent = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+    let _ = span.set_parent(parent);
+}
+
+/// Writes `span`'s trace context into outgoing `metadata`.
+pub fn propagate(span: &tracing::Span, metadata: &mut MetadataMap) {
+    TraceContextPropagator::new().inject_context(&span.context(), &mut MetadataInjector(metadata));
+}
+
+/// The hex trace id of `span` (for log lines and responses).
+pub fn trace_id(span: &tracing::Span) -> String {
+    use opentelemetry::trace::TraceContextExt;
+    span.context().span().span_context().trace_id().to_string()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::TraceContext;
+    use super::*;
 
-    #[test]
-    fn a_traceparent_round_trips_and_children_keep_the_trace() {
-        let root = TraceContext::new_root();
-        let parsed = TraceContext::parse(&root.header()).expect("own header parses");
-        assert_eq!(parsed, root);
-        let child = root.child();
-        assert_eq!(child.trace_id, root.trace_id);
-        assert_ne!(child.parent_id, root.parent_id);
+    /// One tracer for the whole test binary: dropping a `Telemetry` stops the tracer that the
+    /// (process-wide) subscriber uses.
+    fn telemetry() {
+        static TELEMETRY: std::sync::OnceLock<Telemetry> = std::sync::OnceLock::new();
+        TELEMETRY.get_or_init(|| init_telemetry("test"));
+    }
+
+    fn metadata(traceparent: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert(TRACEPARENT, traceparent.parse().expect("ascii"));
+        m
     }
 
     #[test]
-    fn malformed_or_zero_traceparents_are_ignored() {
-        // The example of the W3C recommendation parses.
+    fn a_callers_trace_continues_and_goes_out_with_a_new_parent_span() {
+        telemetry();
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let span = tracing::info_span!("generate");
+        continue_trace(&span, &metadata(incoming));
+        assert_eq!(trace_id(&span), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let mut out = MetadataMap::new();
+        propagate(&span, &mut out);
+        let header = out
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .expect("traceparent written");
         assert!(
-            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-                .is_some()
+            header.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{header}"
         );
+        assert!(
+            !header.contains("00f067aa0ba902b7"),
+            "the parent is this span, not the caller's"
+        );
+    }
+
+    #[test]
+    fn a_malformed_traceparent_starts_a_new_trace() {
+        telemetry();
         for bad in [
-            "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "garbage",
         ] {
-            assert!(TraceContext::parse(bad).is_none(), "{bad:?} accepted");
+            let span = tracing::info_span!("generate");
+            continue_trace(&span, &metadata(bad));
+            let id = trace_id(&span);
+            assert_eq!(id.len(), 32);
+            assert_ne!(id, "00000000000000000000000000000000", "{bad}");
+            assert!(!id.starts_with("4bf92f35"), "{bad}");
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sdlm_proto::v1::{RunRequest, SequenceEvent};
 use sdlm_runtime::deadline::remaining;
-use sdlm_runtime::{metrics, TraceContext};
+use sdlm_runtime::metrics;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Code, Status};
@@ -73,7 +73,8 @@ pub struct Patience {
 pub struct Sequence {
     pub run: RunRequest,
     pub deadline: Option<Instant>,
-    pub trace: TraceContext,
+    /// The sequence's span, under the gateway's request span.
+    pub span: tracing::Span,
 }
 
 impl Sequence {
@@ -184,7 +185,13 @@ async fn wait_for_place(
 async fn run_on(p: &Placement, seq: &mut Sequence, moves: u32, events: &Events) -> Outcome {
     let mut alive = p.slot.alive.subscribe();
     let mut request = tonic::Request::new(seq.run.clone());
-    seq.trace.child().inject(request.metadata_mut());
+    let attempt = tracing::info_span!(
+        parent: &seq.span,
+        "placement",
+        worker = %p.slot.id,
+        resumed_after = seq.run.committed_tokens.len()
+    );
+    sdlm_runtime::propagate(&attempt, request.metadata_mut());
     if let Some(d) = seq.deadline {
         request.set_timeout(remaining(d));
     }

@@ -9,10 +9,11 @@ use sdlm_proto::v1::scheduler_server::Scheduler;
 use sdlm_proto::v1::{
     ModelInfo, ModelsRequest, ModelsResponse, RunRequest, SequenceEvent, ServedModel,
 };
-use sdlm_runtime::{metrics, status_label, TraceContext};
+use sdlm_runtime::{metrics, status_label};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::placement::{place, NoPlace};
 use crate::pool::WorkerPool;
@@ -89,9 +90,10 @@ impl SchedulerService {
             }
         }
         let deadline = sdlm_runtime::deadline::deadline_of(request.metadata());
-        let trace =
-            TraceContext::from_metadata(request.metadata()).unwrap_or_else(TraceContext::new_root);
+        let span = tracing::info_span!("sequence", request_id = tracing::field::Empty);
+        sdlm_runtime::continue_trace(&span, request.metadata());
         let run = request.into_inner();
+        span.record("request_id", run.request_id.as_str());
         if run.params.is_none() {
             return Err(Status::invalid_argument("params is missing"));
         }
@@ -103,7 +105,7 @@ impl SchedulerService {
         let seq = Sequence {
             run,
             deadline,
-            trace,
+            span: span.clone(),
         };
         let (first, ticket) = match place(&self.pool, &seq.run.model, seq.tokens()) {
             Ok(p) => (Some(p), None),
@@ -116,7 +118,7 @@ impl SchedulerService {
         };
         tracing::info!(
             request_id = seq.run.request_id,
-            trace_id = seq.trace.trace_id_hex(),
+            trace_id = %sdlm_runtime::trace_id(&span),
             worker = first
                 .as_ref()
                 .map(|p| p.slot.id.clone())
@@ -128,26 +130,29 @@ impl SchedulerService {
         let pool = Arc::clone(&self.pool);
         let patience = self.patience;
         let started = Instant::now();
-        tokio::spawn(async move {
-            let status = Arc::new(std::sync::Mutex::new("ok".to_string()));
-            let observed = Arc::clone(&status);
-            let (inner_tx, mut inner_rx) = mpsc::channel::<Result<SequenceEvent, Status>>(16);
-            let forward = async move {
-                while let Some(event) = inner_rx.recv().await {
-                    if let Err(s) = &event {
-                        if let Ok(mut label) = observed.lock() {
-                            *label = status_label(s.code());
+        tokio::spawn(
+            async move {
+                let status = Arc::new(std::sync::Mutex::new("ok".to_string()));
+                let observed = Arc::clone(&status);
+                let (inner_tx, mut inner_rx) = mpsc::channel::<Result<SequenceEvent, Status>>(16);
+                let forward = async move {
+                    while let Some(event) = inner_rx.recv().await {
+                        if let Err(s) = &event {
+                            if let Ok(mut label) = observed.lock() {
+                                *label = status_label(s.code());
+                            }
+                        }
+                        if tx.send(event).await.is_err() {
+                            break;
                         }
                     }
-                    if tx.send(event).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            tokio::join!(drive(pool, seq, first, ticket, patience, inner_tx), forward);
-            let label = status.lock().map(|s| s.clone()).unwrap_or_default();
-            metrics().request_done("scheduler", &label, started.elapsed().as_secs_f64());
-        });
+                };
+                tokio::join!(drive(pool, seq, first, ticket, patience, inner_tx), forward);
+                let label = status.lock().map(|s| s.clone()).unwrap_or_default();
+                metrics().request_done("scheduler", &label, started.elapsed().as_secs_f64());
+            }
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

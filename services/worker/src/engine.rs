@@ -27,6 +27,8 @@ pub struct Job {
     pub pages: Pages,
     pub events: UnboundedSender<Result<SequenceEvent, Status>>,
     pub submitted: std::time::Instant,
+    /// The sequence's span on this worker; each block is a child span.
+    pub span: tracing::Span,
 }
 
 impl Job {
@@ -97,6 +99,9 @@ struct Running<'m> {
     job: Job,
     decoder: Box<dyn Decoder + 'm>,
     reported: DecodeStats,
+    /// The span of the block being decoded: opened at its first step, closed at its commit.
+    block: Option<tracing::Span>,
+    blocks: usize,
 }
 
 fn run_loop(
@@ -179,6 +184,8 @@ fn admit<'m>(model: &'m Model, job: Job, state: &EngineState, running: &mut Vec<
                 job,
                 decoder,
                 reported: DecodeStats::default(),
+                block: None,
+                blocks: 0,
             });
         }
         Err(e) => {
@@ -198,6 +205,16 @@ fn advance(r: &mut Running<'_>, worker_id: &str) {
             "caller gone; sequence dropped"
         );
         return;
+    }
+    if r.block.is_none() {
+        r.block = Some(tracing::info_span!(
+            parent: &r.job.span,
+            "block",
+            request_id = %r.job.request_id,
+            index = r.blocks,
+            tokens = tracing::field::Empty,
+            forward_passes = tracing::field::Empty,
+        ));
     }
     let committed = match r.decoder.step() {
         Ok(tokens) => tokens,
@@ -238,5 +255,10 @@ fn advance(r: &mut Running<'_>, worker_id: &str) {
             .observe(total / stats.forward_passes().max(1) as f64);
     }
     r.reported = stats;
+    if let Some(block) = r.block.take() {
+        block.record("tokens", event.tokens.len());
+        block.record("forward_passes", forwards);
+    }
+    r.blocks += 1;
     let _ = r.job.events.send(Ok(event));
 }

@@ -36,8 +36,10 @@ impl WorkerService {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Status::aborted("worker draining: no new sequences"));
         }
-        let trace = sdlm_runtime::TraceContext::from_metadata(request.metadata());
+        let span = tracing::info_span!("run", request_id = tracing::field::Empty);
+        sdlm_runtime::continue_trace(&span, request.metadata());
         let r = request.into_inner();
+        span.record("request_id", r.request_id.as_str());
         if !r.model.is_empty() && r.model != self.model_name {
             return Err(Status::invalid_argument(format!(
                 "model {:?} is not served here; this worker serves {:?}",
@@ -74,7 +76,7 @@ impl WorkerService {
         })?;
         tracing::info!(
             request_id = r.request_id,
-            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            trace_id = %sdlm_runtime::trace_id(&span),
             prompt_tokens = r.prompt_tokens.len(),
             committed = r.committed_tokens.len(),
             "run"
@@ -88,6 +90,7 @@ impl WorkerService {
             pages,
             events,
             submitted,
+            span,
         })?;
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }

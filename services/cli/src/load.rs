@@ -1,0 +1,267 @@
+//! `sdlm bench --target ADDR --concurrency LIST`: a load generator over gRPC. Each level runs
+//! every prompt through `GenerateStream` from that many concurrent clients and prints
+//! throughput, latency percentiles and time to first block. With `--model` as well, the same
+//! prompts are first decoded in this process with the same parameters, and the difference of
+//! each request's latency at concurrency 1 is what the gateway → scheduler → worker path
+//! adds. A benchmark prints measurements; it asserts nothing.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use sdlm_engine::decode::{decoder_for, DecodingParams};
+use sdlm_engine::{open_model, Device};
+use sdlm_proto::v1::generation_client::GenerationClient;
+use sdlm_proto::v1::{DecodingParams as WireParams, GenerateRequest};
+
+pub struct Load<'a> {
+    pub target: &'a str,
+    pub prompts: &'a [String],
+    pub concurrency: &'a [usize],
+    pub max_new_tokens: usize,
+    pub model: Option<&'a Path>,
+    pub json: bool,
+}
+
+/// One request as the client saw it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    seconds: f64,
+    first_block: Option<f64>,
+    tokens: u32,
+    forwards: u32,
+}
+
+pub fn run(load: Load<'_>) -> anyhow::Result<()> {
+    let baseline = match load.model {
+        Some(model) => Some(in_process(model, load.prompts, load.max_new_tokens)?),
+        None => None,
+    };
+    let levels = crate::cluster::runtime()?.block_on(async {
+        let mut levels = Vec::new();
+        for &c in load.concurrency {
+            levels.push((c, level(&load, c.max(1)).await?));
+        }
+        anyhow::Ok(levels)
+    })?;
+    report(&load, baseline.as_deref(), &levels);
+    Ok(())
+}
+
+/// Every prompt decoded here, one after another: seconds per prompt, tokenizing and
+/// detokenizing included as the gateway does them.
+fn in_process(model: &Path, prompts: &[String], max_new_tokens: usize) -> anyhow::Result<Vec<f64>> {
+    let (model, tokenizer) = open_model(model, &Device::Cpu)?;
+    let params = DecodingParams {
+        max_new_tokens,
+        ..DecodingParams::for_model(model.config())
+    };
+    let mut seconds = Vec::new();
+    for prompt in prompts {
+        let start = Instant::now();
+        let ids = tokenizer
+            .encode(prompt.as_str(), true)
+            .map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))?;
+        let mut d = decoder_for(&model, ids.get_ids(), &params)?;
+        while d.finished().is_none() {
+            if !d.step()?.is_empty() {
+                tokenizer
+                    .decode(d.completion(), true)
+                    .map_err(|e| anyhow::anyhow!("detokenizing: {e}"))?;
+            }
+        }
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    Ok(seconds)
+}
+
+/// Every prompt through `concurrency` clients; samples in prompt order and the wall time.
+async fn level(load: &Load<'_>, concurrency: usize) -> anyhow::Result<(Vec<Sample>, f64)> {
+    let queue: Arc<Mutex<VecDeque<(usize, String)>>> = Arc::new(Mutex::new(
+        load.prompts.iter().cloned().enumerate().collect(),
+    ));
+    let samples = Arc::new(Mutex::new(vec![Sample::default(); load.prompts.len()]));
+    let start = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..concurrency {
+        let queue = Arc::clone(&queue);
+        let samples = Arc::clone(&samples);
+        let target = format!("http://{}", load.target);
+        let max_new = load.max_new_tokens as u32;
+        clients.push(tokio::spawn(async move {
+            let mut client = GenerationClient::connect(target.clone())
+                .await
+                .with_context(|| format!("connecting to {target}"))?;
+            loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let Some((i, prompt)) = next else {
+                    return anyhow::Ok(());
+                };
+                let sample = request(&mut client, prompt, max_new).await?;
+                if let Ok(mut s) = samples.lock() {
+                    s[i] = sample;
+                }
+            }
+        }));
+    }
+    for c in clients {
+        c.await??;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    Ok((samples, wall))
+}
+
+async fn request(
+    client: &mut GenerationClient<tonic::transport::Channel>,
+    prompt: String,
+    max_new_tokens: u32,
+) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let mut stream = client
+        .generate_stream(GenerateRequest {
+            prompt,
+            params: Some(WireParams {
+                max_new_tokens: Some(max_new_tokens),
+                ..WireParams::default()
+            }),
+            ..GenerateRequest::default()
+        })
+        .await?
+        .into_inner();
+    let mut sample = Sample::default();
+    while let Some(message) = stream.message().await? {
+        if sample.first_block.is_none() && message.block_tokens > 0 {
+            sample.first_block = Some(start.elapsed().as_secs_f64());
+        }
+        if let Some(usage) = message.usage {
+            sample.tokens = usage.completion_tokens;
+            sample.forwards = usage.forward_passes;
+        }
+    }
+    sample.seconds = start.elapsed().as_secs_f64();
+    Ok(sample)
+}
+
+/// The q-quantile by nearest rank.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v: Vec<f64> = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn report(load: &Load<'_>, baseline: Option<&[f64]>, levels: &[(usize, (Vec<Sample>, f64))]) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !load.json {
+        println!(
+            "target {}, {} prompts, max_new_tokens {}, client on {} ({} cores, shared with the server)",
+            load.target,
+            load.prompts.len(),
+            load.max_new_tokens,
+            cpu_name(),
+            cores
+        );
+        println!(
+            "{:>11} {:>8} {:>9} {:>9} {:>9} {:>13} {:>8}",
+            "concurrency", "requests", "tokens/s", "p50 ms", "p99 ms", "1st block ms", "tok/fwd"
+        );
+    }
+    for (c, (samples, wall)) in levels {
+        let latency: Vec<f64> = samples.iter().map(|s| s.seconds * 1e3).collect();
+        let first: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.first_block.map(|t| t * 1e3))
+            .collect();
+        let tokens: u64 = samples.iter().map(|s| s.tokens as u64).sum();
+        let forwards: u64 = samples.iter().map(|s| s.forwards as u64).sum();
+        let tps = tokens as f64 / wall.max(1e-9);
+        let tpf = tokens as f64 / forwards.max(1) as f64;
+        if load.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "mode": "grpc", "target": load.target, "concurrency": c,
+                    "requests": samples.len(), "tokens": tokens, "seconds": wall,
+                    "tokens_per_second": tps, "latency_p50_ms": quantile(&latency, 0.5),
+                    "latency_p99_ms": quantile(&latency, 0.99),
+                    "time_to_first_block_p50_ms": quantile(&first, 0.5),
+                    "tokens_per_forward": tpf,
+                })
+            );
+        } else {
+            println!(
+                "{:>11} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>13.1} {:>8.2}",
+                c,
+                samples.len(),
+                tps,
+                quantile(&latency, 0.5),
+                quantile(&latency, 0.99),
+                quantile(&first, 0.5),
+                tpf
+            );
+        }
+    }
+    let Some(baseline) = baseline else { return };
+    let Some((_, (serial, _))) = levels.iter().find(|(c, _)| *c == 1) else {
+        if !load.json {
+            println!("(include concurrency 1 to compare with the in-process baseline)");
+        }
+        return;
+    };
+    let added: Vec<f64> = serial
+        .iter()
+        .zip(baseline)
+        .map(|(s, b)| (s.seconds - b) * 1e3)
+        .collect();
+    let base_ms: Vec<f64> = baseline.iter().map(|b| b * 1e3).collect();
+    if load.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": "in-process", "concurrency": 1, "requests": baseline.len(),
+                "latency_p50_ms": quantile(&base_ms, 0.5),
+                "added_by_services_p50_ms": quantile(&added, 0.5),
+                "added_by_services_p99_ms": quantile(&added, 0.99),
+            })
+        );
+    } else {
+        println!(
+            "in-process, same prompts and parameters: p50 {:.1} ms; the gRPC path (gateway, scheduler, worker hops) adds p50 {:.2} ms, p99 {:.2} ms per request",
+            quantile(&base_ms, 0.5),
+            quantile(&added, 0.5),
+            quantile(&added, 0.99)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn nearest_rank_quantiles() {
+        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(quantile(&v, 0.5), 3.0);
+        assert_eq!(quantile(&v, 0.99), 5.0);
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+}
