@@ -426,3 +426,40 @@ async fn a_terminated_worker_deregisters_hands_back_and_exits_zero() {
         .expect("the worker exits");
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_etcd_outage_keeps_the_last_known_cluster_serving() {
+    let _serial = serial().await;
+    let mut cluster = Cluster::start("etcd-down", 2, 1, &[]);
+    cluster.ready(2).await;
+    let mut c = client(&cluster.gateway.1).await;
+    let request = || v1::GenerateRequest {
+        prompt: PROMPTS[5].into(),
+        params: Some(greedy(16)),
+        ..Default::default()
+    };
+    let before = c
+        .generate(request())
+        .await
+        .expect("served")
+        .into_inner()
+        .text;
+    cluster.etcd.kill();
+    // Past several keep-alive periods and the lease TTL: every process has noticed by now.
+    tokio::time::sleep(Duration::from_secs(TTL + 1)).await;
+    for _ in 0..4 {
+        let after = c
+            .generate(request())
+            .await
+            .expect("still served")
+            .into_inner()
+            .text;
+        assert_eq!(after, before);
+    }
+    let s = scrape(&cluster.schedulers[0].2);
+    assert_eq!(
+        metric(&s, "sdlm_workers_live"),
+        Some(2.0),
+        "the scheduler forgot its workers"
+    );
+}

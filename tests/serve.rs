@@ -346,3 +346,76 @@ async fn past_the_queue_bound_requests_get_resource_exhausted_and_admitted_ones_
     );
     assert_eq!(metric(&text, "sdlm_queue_depth"), Some(0.0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deadlines_and_cancelled_streams_stop_the_sequence_on_the_worker() {
+    let _serial = serial().await;
+    let dir = TempDir::new("serve-cancel");
+    let (_serve, addr, metrics_addr) = serve(&dir, &[]);
+    let mut c = client(&addr).await;
+    let long = || v1::GenerateRequest {
+        prompt: "def parse_header(line):".into(),
+        params: Some(v1::DecodingParams {
+            // Far beyond any stop: only the deadline or the client ends it.
+            block_size: Some(1),
+            ..greedy(200)
+        }),
+        ..Default::default()
+    };
+    let cancelled = |text: &str| {
+        metric(
+            text,
+            "sdlm_requests_total{service=\"worker\",status=\"cancelled\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = cancelled(&scrape(&metrics_addr));
+
+    // A deadline of 300 ms: the client gets DEADLINE_EXCEEDED and the worker drops the sequence.
+    let mut r = tonic::Request::new(long());
+    r.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let e = c.generate(r).await.expect_err("the deadline passes first");
+    // tonic's client enforces the same deadline it sends, so the call ends with whichever of
+    // the server's DEADLINE_EXCEEDED and the client's own timeout comes first.
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    wait_for(&metrics_addr, |t| cancelled(t) >= before + 1.0).await;
+
+    // A client that reads one block and goes away.
+    let mut stream = c
+        .generate_stream(long())
+        .await
+        .expect("stream")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("a first block")
+        .expect("a message");
+    drop(stream);
+    wait_for(&metrics_addr, |t| cancelled(t) >= before + 2.0).await;
+    assert_eq!(
+        metric(&scrape(&metrics_addr), "sdlm_sequences_running"),
+        Some(0.0)
+    );
+}
+
+/// Polls /metrics until `ok` holds (at most 10 s).
+async fn wait_for(metrics_addr: &str, ok: impl Fn(&str) -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(metrics_addr);
+        if ok(&text) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "metrics never showed it:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

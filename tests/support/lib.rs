@@ -206,11 +206,17 @@ impl Drop for TempDir {
 /// with a temporary data directory.
 pub struct Etcd {
     pub url: String,
-    _proc: Proc,
+    proc: Proc,
     _dir: TempDir,
 }
 
 impl Etcd {
+    /// Kills etcd (SIGKILL): an outage.
+    pub fn kill(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
     pub fn start() -> Self {
         let etcd = which("etcd").unwrap_or_else(|| {
             panic!("etcd is not installed: run scripts/install-etcd.sh (Debian's etcd-server)")
@@ -258,7 +264,7 @@ impl Etcd {
         }
         Self {
             url,
-            _proc: proc,
+            proc,
             _dir: dir,
         }
     }

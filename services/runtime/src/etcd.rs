@@ -28,8 +28,30 @@ pub const WORKERS_PREFIX: &str = "/sdlm/v1/workers/";
 /// The scheduler election's name; its leader's value is the leader's gRPC address.
 pub const SCHEDULER_ELECTION: &str = "/sdlm/v1/schedulers/leader";
 
-/// Pause between attempts when etcd is unreachable.
+/// Pause before the first retry when etcd is unreachable; it doubles up to [`RETRY_MAX`].
 const RETRY: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Waits between attempts: half a second after an attempt that had been working, doubling up
+/// to four seconds while etcd stays away, so that an outage neither floods the log nor delays
+/// recovery by much.
+struct Backoff {
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { delay: RETRY }
+    }
+
+    async fn wait(&mut self, attempt_lasted: Duration) {
+        if attempt_lasted > RETRY_MAX * 2 {
+            self.delay = RETRY;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(RETRY_MAX);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -39,6 +61,9 @@ pub enum EtcdError {
     Call(#[from] tonic::Status),
     #[error("etcd: {0}")]
     Protocol(String),
+    /// etcd answered that the lease is gone (TTL 0): whatever it held is no longer ours.
+    #[error("etcd lease {0:x} expired")]
+    LeaseExpired(i64),
 }
 
 /// What a worker writes under its key.
@@ -160,9 +185,7 @@ async fn keep_alive(channel: Channel, id: i64, ttl: Duration) -> Result<(), Etcd
         }
         first = false;
         match tokio::time::timeout(period, responses.message()).await {
-            Ok(Ok(Some(r))) if r.ttl <= 0 => {
-                return Err(EtcdError::Protocol(format!("lease {id:x} expired")))
-            }
+            Ok(Ok(Some(r))) if r.ttl <= 0 => return Err(EtcdError::LeaseExpired(id)),
             Ok(Ok(Some(_))) => {}
             Ok(Ok(None)) => return Err(EtcdError::Protocol("keep-alive stream ended".into())),
             Ok(Err(status)) => return Err(status.into()),
@@ -238,12 +261,14 @@ async fn hold_loop(
     ttl: Duration,
     lease: watch::Sender<Option<i64>>,
 ) {
+    let mut backoff = Backoff::new();
     loop {
+        let started = std::time::Instant::now();
         if let Err(e) = hold_once(&endpoints, &key, &value, ttl, &lease).await {
             tracing::warn!(key, error = %e, "etcd registration lost; registering again");
         }
         lease.send_replace(None);
-        tokio::time::sleep(RETRY).await;
+        backoff.wait(started.elapsed()).await;
     }
 }
 
@@ -276,11 +301,13 @@ pub fn follow_prefix(
 ) -> (watch::Receiver<BTreeMap<String, String>>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(BTreeMap::new());
     let task = tokio::spawn(async move {
+        let mut backoff = Backoff::new();
         loop {
+            let started = std::time::Instant::now();
             if let Err(e) = follow_once(&endpoints, &prefix, &tx).await {
                 tracing::warn!(prefix, error = %e, "etcd watch lost; keeping the last known set");
             }
-            tokio::time::sleep(RETRY).await;
+            backoff.wait(started.elapsed()).await;
         }
     });
     (rx, task)
@@ -333,7 +360,10 @@ async fn follow_once(
 }
 
 /// Campaigns for the scheduler election with `value` (this scheduler's address); publishes
-/// true while this process leads. A lost lease ends the leadership and starts a new campaign.
+/// true while this process leads. An expired lease ends the leadership at once. When etcd is
+/// unreachable the leader keeps leading (nobody can be elected meanwhile); once etcd answers
+/// again it steps down and campaigns anew, so there is never a second leader, at the cost of up
+/// to one TTL without one after an outage.
 pub fn campaign(
     endpoints: Vec<String>,
     value: String,
@@ -341,12 +371,18 @@ pub fn campaign(
 ) -> (watch::Receiver<bool>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(async move {
+        let mut backoff = Backoff::new();
         loop {
-            if let Err(e) = lead_once(&endpoints, &value, ttl, &tx).await {
-                tracing::warn!(error = %e, "scheduler election: lost the lease or etcd");
+            let started = std::time::Instant::now();
+            match lead_once(&endpoints, &value, ttl, &tx).await {
+                Err(e @ EtcdError::LeaseExpired(_)) => {
+                    tracing::warn!(error = %e, "scheduler election: leadership lost");
+                    tx.send_replace(false);
+                }
+                Err(e) => tracing::warn!(error = %e, "scheduler election: etcd unreachable"),
+                Ok(()) => {}
             }
-            tx.send_replace(false);
-            tokio::time::sleep(RETRY).await;
+            backoff.wait(started.elapsed()).await;
         }
     });
     (rx, task)
@@ -360,6 +396,10 @@ async fn lead_once(
 ) -> Result<(), EtcdError> {
     let channel = connect(endpoints).await?;
     let id = grant(&channel, ttl).await?;
+    // etcd answers: whatever this process led on before is over; campaign from scratch.
+    if leading.send_replace(false) {
+        tracing::warn!("etcd is back: stepping down to campaign again");
+    }
     // The lease must stay alive while the campaign waits, for as long as another leads.
     let alive = keep_alive(channel.clone(), id, ttl);
     tokio::pin!(alive);
