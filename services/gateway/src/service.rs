@@ -191,6 +191,7 @@ async fn pieces(
             usage.forward_passes += event.forward_passes;
             usage.steps += event.steps;
             usage.edits += event.edits;
+            usage.engine_seconds += event.engine_seconds;
             usage.migrations = usage.migrations.max(event.migrations);
             if first_block && !event.tokens.is_empty() {
                 first_block = false;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
 
@@ -29,18 +29,30 @@ pub fn health_service() -> (
     tonic_health::server::health_reporter()
 }
 
+/// Accepted connections.
+pub type Incoming =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<TcpStream>> + Send>>;
+
 /// A bound listener and the address it got.
 pub struct Bound {
     pub addr: SocketAddr,
-    pub incoming: TcpListenerStream,
+    pub incoming: Incoming,
 }
 
-/// Binds `addr` (port 0 picks a free port).
+/// Binds `addr` (port 0 picks a free port). Accepted connections have Nagle's algorithm off:
+/// a committed block is a small message that must leave at once, not wait for an ACK.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
+    use tokio_stream::StreamExt;
     let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    });
     Ok(Bound {
-        addr: listener.local_addr()?,
-        incoming: TcpListenerStream::new(listener),
+        addr,
+        incoming: Box::pin(incoming),
     })
 }
 
