@@ -99,6 +99,8 @@ struct Running<'m> {
     job: Job,
     decoder: Box<dyn Decoder + 'm>,
     reported: DecodeStats,
+    /// Set when decoding failed: the sequence ends with this status.
+    failed: Option<&'static str>,
     /// The span of the block being decoded: opened at its first step, closed at its commit.
     block: Option<tracing::Span>,
     blocks: usize,
@@ -145,7 +147,9 @@ fn run_loop(
         }
         let before = running.len();
         running.retain(|r| {
-            let ended = if r.job.events.is_closed() {
+            let ended = if r.failed.is_some() {
+                r.failed
+            } else if r.job.events.is_closed() {
                 Some("cancelled")
             } else {
                 r.decoder.finished().map(|_| "ok")
@@ -184,15 +188,20 @@ fn admit<'m>(model: &'m Model, job: Job, state: &EngineState, running: &mut Vec<
                 job,
                 decoder,
                 reported: DecodeStats::default(),
+                failed: None,
                 block: None,
                 blocks: 0,
             });
         }
         Err(e) => {
-            job.done("invalid_argument");
-            let _ = job
-                .events
-                .send(Err(Status::invalid_argument(e.to_string())));
+            // Requests were validated before they got here; what fails now is either input
+            // only the model can judge, or the engine itself.
+            let status = match e {
+                sdlm_engine::EngineError::Input(m) => Status::invalid_argument(m),
+                other => Status::internal(format!("starting the sequence: {other}")),
+            };
+            job.done(&sdlm_runtime::status_label(status.code()));
+            let _ = job.events.send(Err(status));
         }
     }
 }
@@ -224,7 +233,7 @@ fn advance(r: &mut Running<'_>, worker_id: &str) {
                 .job
                 .events
                 .send(Err(Status::internal(format!("decoding failed: {e}"))));
-            r.decoder.finish(sdlm_engine::decode::FinishReason::Stop);
+            r.failed = Some("internal");
             return;
         }
     };
@@ -242,6 +251,8 @@ fn advance(r: &mut Running<'_>, worker_id: &str) {
         finish_reason: finish.map(|f| f.as_str().to_string()),
         worker_id: worker_id.to_string(),
         migrations: 0,
+        engine_seconds: (stats.prefill_seconds + stats.decode_seconds)
+            - (r.reported.prefill_seconds + r.reported.decode_seconds),
     };
     let metrics = sdlm_runtime::metrics();
     metrics.forward_passes_total.inc_by(forwards as u64);
