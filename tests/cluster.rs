@@ -149,8 +149,14 @@ async fn worker_keys(url: &str) -> BTreeMap<String, String> {
         .0
 }
 
+/// `sdlm generate` of every prompt, computed once per length for the whole test binary.
 fn references(max_new: u32) -> Vec<String> {
-    PROMPTS.iter().map(|p| generate_cli(p, max_new)).collect()
+    static DONE: std::sync::Mutex<BTreeMap<u32, Vec<String>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let mut done = DONE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    done.entry(max_new)
+        .or_insert_with(|| PROMPTS.iter().map(|p| generate_cli(p, max_new)).collect())
+        .clone()
 }
 
 /// Starts one stream per (prompt, copy); returns the join handles with their prompt index,
