@@ -240,21 +240,7 @@ async fn thirty_two_streams_match_generate_and_every_process_serves_metrics() {
     let (handles, _) = launch(&cluster.gateway.1, 4, 48);
     check_texts(handles, &want).await;
 
-    let names = [
-        "sdlm_requests_total",
-        "sdlm_request_duration_seconds",
-        "sdlm_time_to_first_block_seconds",
-        "sdlm_tokens_generated_total",
-        "sdlm_forward_passes_total",
-        "sdlm_tokens_per_forward",
-        "sdlm_queue_depth",
-        "sdlm_workers_live",
-        "sdlm_sequences_running",
-        "sdlm_kv_pages_used",
-        "sdlm_kv_pages_total",
-        "sdlm_sequence_migrations_total",
-        "sdlm_batch_size",
-    ];
+    let names = sdlm_runtime::METRIC_NAMES;
     let mut all = vec![&cluster.gateway, &cluster.schedulers[0]];
     all.extend(cluster.workers.iter());
     for (p, _, metrics) in all {

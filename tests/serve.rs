@@ -121,21 +121,7 @@ async fn serve_generates_what_sdlm_generate_writes_and_streams_per_block() {
     }
 
     let text = scrape(&metrics_addr);
-    for name in [
-        "sdlm_requests_total",
-        "sdlm_request_duration_seconds",
-        "sdlm_time_to_first_block_seconds",
-        "sdlm_tokens_generated_total",
-        "sdlm_forward_passes_total",
-        "sdlm_tokens_per_forward",
-        "sdlm_queue_depth",
-        "sdlm_workers_live",
-        "sdlm_sequences_running",
-        "sdlm_kv_pages_used",
-        "sdlm_kv_pages_total",
-        "sdlm_sequence_migrations_total",
-        "sdlm_batch_size",
-    ] {
+    for name in sdlm_runtime::METRIC_NAMES {
         assert!(
             text.contains(&format!("# TYPE {name} ")),
             "{name} missing from /metrics"

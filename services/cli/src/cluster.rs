@@ -16,12 +16,35 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
-pub fn stop_on_signal(token: CancellationToken) {
+fn stop_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         sdlm_runtime::termination().await;
         tracing::info!("signal received: shutting down");
         token.cancel();
     });
+}
+
+/// What every serving command sets up first: telemetry (its spans flushed when this is
+/// dropped), a shutdown token cancelled by SIGTERM or SIGINT, and `/metrics`.
+pub struct Process {
+    pub shutdown: CancellationToken,
+    pub metrics: sdlm_runtime::MetricsServer,
+    _telemetry: sdlm_runtime::Telemetry,
+}
+
+/// Sets up a serving process named `service`; call it inside the runtime.
+pub async fn start_process(service: &str, metrics_listen: SocketAddr) -> anyhow::Result<Process> {
+    let telemetry = sdlm_runtime::init_telemetry(service);
+    let shutdown = CancellationToken::new();
+    stop_on_signal(shutdown.clone());
+    let metrics = sdlm_runtime::serve_metrics(metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {metrics_listen}"))?;
+    Ok(Process {
+        shutdown,
+        metrics,
+        _telemetry: telemetry,
+    })
 }
 
 fn etcd_list(urls: &Option<String>) -> Vec<String> {
@@ -84,13 +107,8 @@ pub struct WorkerArgs {
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        // Flushes exported spans when the command returns.
-        let _telemetry = sdlm_runtime::init_telemetry("sdlm-worker");
-        let shutdown = CancellationToken::new();
-        stop_on_signal(shutdown.clone());
-        let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)
-            .await
-            .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+        let process = start_process("sdlm-worker", args.metrics_listen).await?;
+        let (shutdown, metrics) = (process.shutdown.clone(), &process.metrics);
         let mut config = sdlm_worker::WorkerConfig::new(args.model.clone(), args.listen);
         config.model_name = args.model_name;
         config.advertise = args.advertise;
@@ -143,13 +161,8 @@ pub struct SchedulerArgs {
 
 pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        // Flushes exported spans when the command returns.
-        let _telemetry = sdlm_runtime::init_telemetry("sdlm-scheduler");
-        let shutdown = CancellationToken::new();
-        stop_on_signal(shutdown.clone());
-        let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)
-            .await
-            .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+        let process = start_process("sdlm-scheduler", args.metrics_listen).await?;
+        let (shutdown, metrics) = (process.shutdown.clone(), &process.metrics);
         let mut config = sdlm_scheduler::SchedulerConfig::new(args.listen);
         config.advertise = args.advertise;
         config.etcd = etcd_list(&args.etcd);
@@ -193,13 +206,8 @@ pub struct GatewayArgs {
 
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        // Flushes exported spans when the command returns.
-        let _telemetry = sdlm_runtime::init_telemetry("sdlm-gateway");
-        let shutdown = CancellationToken::new();
-        stop_on_signal(shutdown.clone());
-        let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)
-            .await
-            .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+        let process = start_process("sdlm-gateway", args.metrics_listen).await?;
+        let (shutdown, metrics) = (process.shutdown.clone(), &process.metrics);
         let gateway = sdlm_gateway::start(
             sdlm_gateway::GatewayConfig {
                 listen: args.listen,

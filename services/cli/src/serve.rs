@@ -4,10 +4,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{runtime, stop_on_signal, WorkerTuning};
+use crate::cluster::{runtime, start_process, WorkerTuning};
 
 /// Serve a model over gRPC (sdlm.v1.Generation) with metrics, in one process.
 #[derive(clap::Args)]
@@ -34,13 +33,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        // Flushes exported spans when the command returns.
-        let _telemetry = sdlm_runtime::init_telemetry("sdlm-serve");
-        let shutdown = CancellationToken::new();
-        stop_on_signal(shutdown.clone());
-        let metrics = sdlm_runtime::serve_metrics(args.metrics_listen)
-            .await
-            .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+        let process = start_process("sdlm-serve", args.metrics_listen).await?;
+        let (shutdown, metrics) = (process.shutdown.clone(), &process.metrics);
 
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
         let mut worker = sdlm_worker::WorkerConfig::new(args.model.clone(), loopback);

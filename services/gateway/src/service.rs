@@ -49,6 +49,20 @@ struct Prepared {
 type Pieces = mpsc::Receiver<Result<GenerateStreamResponse, Status>>;
 
 impl GenerationService {
+    /// A `GenerateRequest` ready to run (Generate and GenerateStream).
+    async fn prepare_text(&self, request: &Request<GenerateRequest>) -> Result<Prepared, Status> {
+        let r = request.get_ref();
+        self.prepare(
+            request.metadata(),
+            &r.model,
+            Prompt::Text(&r.prompt),
+            r.params.as_ref(),
+            r.request_id.as_deref(),
+        )
+        .await
+    }
+
+    /// Validates, tokenizes and resolves a request; a refusal is counted in the metrics here.
     async fn prepare(
         &self,
         metadata: &MetadataMap,
@@ -58,6 +72,26 @@ impl GenerationService {
         given_id: Option<&str>,
     ) -> Result<Prepared, Status> {
         let started = Instant::now();
+        self.check(metadata, model, prompt, params, given_id, started)
+            .await
+            .inspect_err(|status| {
+                metrics().request_done(
+                    "gateway",
+                    &status_label(status.code()),
+                    started.elapsed().as_secs_f64(),
+                )
+            })
+    }
+
+    async fn check(
+        &self,
+        metadata: &MetadataMap,
+        model: &str,
+        prompt: Prompt<'_>,
+        params: Option<&sdlm_proto::v1::DecodingParams>,
+        given_id: Option<&str>,
+        started: Instant,
+    ) -> Result<Prepared, Status> {
         let request_id = request_id(given_id)?;
         let span = tracing::info_span!("generate", request_id = %request_id, model = tracing::field::Empty);
         sdlm_runtime::continue_trace(&span, metadata);
@@ -296,18 +330,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let started = Instant::now();
-        let r = request.get_ref();
-        let prepared = self
-            .prepare(
-                request.metadata(),
-                &r.model,
-                Prompt::Text(&r.prompt),
-                r.params.as_ref(),
-                r.request_id.as_deref(),
-            )
-            .await
-            .inspect_err(|s| rejected(s, started))?;
+        let prepared = self.prepare_text(&request).await?;
         let model = prepared.served.info.name.clone();
         Ok(Response::new(collect(self.launch(prepared), &model).await?))
     }
@@ -316,18 +339,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let started = Instant::now();
-        let r = request.get_ref();
-        let prepared = self
-            .prepare(
-                request.metadata(),
-                &r.model,
-                Prompt::Text(&r.prompt),
-                r.params.as_ref(),
-                r.request_id.as_deref(),
-            )
-            .await
-            .inspect_err(|s| rejected(s, started))?;
+        let prepared = self.prepare_text(&request).await?;
         Ok(Response::new(ReceiverStream::new(self.launch(prepared))))
     }
 
@@ -335,7 +347,6 @@ impl Generation for GenerationService {
         &self,
         request: Request<InfillRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let started = Instant::now();
         let r = request.get_ref();
         let prepared = self
             .prepare(
@@ -348,8 +359,7 @@ impl Generation for GenerationService {
                 r.params.as_ref(),
                 r.request_id.as_deref(),
             )
-            .await
-            .inspect_err(|s| rejected(s, started))?;
+            .await?;
         let model = prepared.served.info.name.clone();
         Ok(Response::new(collect(self.launch(prepared), &model).await?))
     }
@@ -362,13 +372,4 @@ impl Generation for GenerationService {
             models: self.catalog.list(&self.schedulers).await?,
         }))
     }
-}
-
-/// Counts a request refused before it ran.
-fn rejected(status: &Status, started: Instant) {
-    metrics().request_done(
-        "gateway",
-        &status_label(status.code()),
-        started.elapsed().as_secs_f64(),
-    );
 }

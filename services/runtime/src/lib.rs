@@ -10,6 +10,6 @@ mod trace;
 pub mod wire;
 
 pub use http::{serve_metrics, MetricsServer};
-pub use metrics::{metrics, status_label, Metrics};
+pub use metrics::{metrics, status_label, Metrics, METRIC_NAMES};
 pub use server::{bind, health_service, reflection_service, termination, Bound};
 pub use trace::{continue_trace, init_telemetry, propagate, trace_id, Telemetry, TRACEPARENT};

@@ -9,6 +9,23 @@ use prometheus::{
     IntGauge, Opts, Registry,
 };
 
+/// Every metric a process exposes, as Prometheus names.
+pub const METRIC_NAMES: [&str; 13] = [
+    "sdlm_requests_total",
+    "sdlm_request_duration_seconds",
+    "sdlm_time_to_first_block_seconds",
+    "sdlm_tokens_generated_total",
+    "sdlm_forward_passes_total",
+    "sdlm_tokens_per_forward",
+    "sdlm_queue_depth",
+    "sdlm_workers_live",
+    "sdlm_sequences_running",
+    "sdlm_kv_pages_used",
+    "sdlm_kv_pages_total",
+    "sdlm_sequence_migrations_total",
+    "sdlm_batch_size",
+];
+
 pub struct Metrics {
     pub registry: Registry,
     pub requests_total: IntCounterVec,
@@ -184,21 +201,7 @@ mod tests {
         let m = metrics();
         m.request_done("gateway", "ok", 0.01);
         let text = m.render();
-        for name in [
-            "sdlm_requests_total",
-            "sdlm_request_duration_seconds",
-            "sdlm_time_to_first_block_seconds",
-            "sdlm_tokens_generated_total",
-            "sdlm_forward_passes_total",
-            "sdlm_tokens_per_forward",
-            "sdlm_queue_depth",
-            "sdlm_workers_live",
-            "sdlm_sequences_running",
-            "sdlm_kv_pages_used",
-            "sdlm_kv_pages_total",
-            "sdlm_sequence_migrations_total",
-            "sdlm_batch_size",
-        ] {
+        for name in METRIC_NAMES {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         assert!(text.contains("sdlm_requests_total{service=\"gateway\",status=\"ok\"} 1"));

@@ -30,6 +30,15 @@ pub enum NoPlace {
     TooLarge { pages: usize, largest: usize },
 }
 
+impl NoPlace {
+    /// The refusal of a sequence no worker could ever hold.
+    pub fn too_large(pages: usize, largest: usize) -> tonic::Status {
+        tonic::Status::resource_exhausted(format!(
+            "the sequence needs {pages} KV pages (prompt + max_new_tokens); the largest worker has {largest}"
+        ))
+    }
+}
+
 /// The index of the worker to place a sequence of `tokens` on: among live, non-draining
 /// workers of the model with enough unreserved pages, the one with the fewest sequences (then
 /// the fewest reserved pages).

@@ -158,9 +158,7 @@ async fn wait_for_place(
         match place(pool, &seq.run.model, seq.tokens()) {
             Ok(p) => return Ok(p),
             Err(NoPlace::TooLarge { pages, largest }) => {
-                return Err(Status::resource_exhausted(format!(
-                    "the sequence needs {pages} KV pages (prompt + max_new_tokens); the largest worker has {largest}"
-                )))
+                return Err(NoPlace::too_large(pages, largest))
             }
             Err(NoPlace::Full | NoPlace::NoWorker) => {}
         }

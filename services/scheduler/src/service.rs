@@ -110,9 +110,7 @@ impl SchedulerService {
         let (first, ticket) = match place(&self.pool, &seq.run.model, seq.tokens()) {
             Ok(p) => (Some(p), None),
             Err(NoPlace::TooLarge { pages, largest }) => {
-                return Err(Status::resource_exhausted(format!(
-                    "the sequence needs {pages} KV pages (prompt + max_new_tokens); the largest worker has {largest}"
-                )))
+                return Err(NoPlace::too_large(pages, largest))
             }
             Err(NoPlace::Full | NoPlace::NoWorker) => (None, Some(self.queue.enter()?)),
         };
