@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """sdlm against llama.cpp on one GGUF file and one text file: the same tokens, the same sliding
 windows (context, stride), the same thread count. Prints perplexity of each, their relative
-difference, teacher-forced top-1 agreement, tokenizer agreement and the tokens/s ratio. Run
+difference, teacher-forced top-1 agreement (and llama.cpp's agreement with itself under its
+flash-attention kernel, the noise floor), tokenizer agreement and the tokens/s ratio. Run
 through scripts/compare-llama-cpp.sh, which builds llama-cpp-python and sdlm first.
 """
 import argparse
@@ -47,6 +48,25 @@ def llama_cpp_scores(llm, tokens, context, stride):
     return nll, argmax, seconds
 
 
+def load(path, args, **options):
+    return Llama(model_path=path, n_ctx=args.context, n_batch=args.context, n_threads=args.threads,
+                 n_threads_batch=args.threads, logits_all=True, verbose=False, **options)
+
+
+def sdlm_scores(args, model, tok_file, tmp):
+    """sdlm perplexity's summary and per-token rows for the given tokens."""
+    preds = os.path.join(tmp, "preds.jsonl")
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    out = subprocess.run([args.sdlm, "perplexity", "--model", model, "--file", args.file, "--tokens", tok_file,
+                          "--context", str(args.context), "--stride", str(args.stride), "--json",
+                          "--predictions", preds], check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1]), [json.loads(l) for l in open(preds)]
+
+
+def agreement(a, b):
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sdlm", required=True)
@@ -55,12 +75,14 @@ def main():
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dequantized", action="store_true",
+                    help="also score an f32 copy of the model (scripts/dequantize_gguf.py) with both engines")
     args = ap.parse_args()
 
     text = open(args.file, encoding="utf-8").read()
-    llm = Llama(model_path=args.model, n_ctx=args.context, n_batch=args.context, n_threads=args.threads,
-                n_threads_batch=args.threads, logits_all=True, verbose=False)
+    llm = load(args.model, args)
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    extra = {}
 
     with tempfile.TemporaryDirectory() as tmp:
         # sdlm's own tokenization, to report whether the GGUF-built tokenizer agrees.
@@ -71,19 +93,32 @@ def main():
         own_tokens = [json.loads(l)["token"] for l in open(own)]
         tok_file = os.path.join(tmp, "tokens.json")
         json.dump(tokens, open(tok_file, "w"))
-        preds = os.path.join(tmp, "preds.jsonl")
-        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-        out = subprocess.run([args.sdlm, "perplexity", "--model", args.model, "--file", args.file, "--tokens",
-                              tok_file, "--context", str(args.context), "--stride", str(args.stride), "--json",
-                              "--predictions", preds], check=True, capture_output=True, text=True, env=env)
-        sdlm_summary = json.loads(out.stdout.strip().splitlines()[-1])
-        sdlm_rows = [json.loads(l) for l in open(preds)]
+        sdlm_summary, sdlm_rows = sdlm_scores(args, args.model, tok_file, tmp)
 
-    ref_nll, ref_argmax, ref_seconds = llama_cpp_scores(llm, tokens, args.context, args.stride)
+        ref_nll, ref_argmax, ref_seconds = llama_cpp_scores(llm, tokens, args.context, args.stride)
+        del llm
+        # The noise floor of top-1 agreement: llama.cpp against itself with its other attention
+        # kernel (flash attention, which accumulates in f16). A quantized model whose activations
+        # are rounded to 8 bits is a discontinuous function, so implementations that are not bit
+        # for bit identical disagree on near-ties; this says how much for this model and text.
+        _, fa_argmax, _ = llama_cpp_scores(load(args.model, args, flash_attn=True), tokens, args.context,
+                                           args.stride)
+        extra["llama_cpp_self_agreement_flash_attn"] = round(agreement(fa_argmax, ref_argmax), 5)
+
+        if args.dequantized:
+            copy = os.path.join(tmp, "f32.gguf")
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "dequantize_gguf.py"),
+                            args.model, copy], check=True)
+            f32_nll, f32_argmax, _ = llama_cpp_scores(load(copy, args), tokens, args.context, args.stride)
+            f32_summary, f32_rows = sdlm_scores(args, copy, tok_file, tmp)
+            f32_ppl, f32_ref_ppl = math.exp(f32_summary["mean_nll"]), math.exp(sum(f32_nll) / len(f32_nll))
+            extra["f32_copy_ppl_rel_diff"] = round(abs(f32_ppl - f32_ref_ppl) / f32_ref_ppl, 6)
+            extra["f32_copy_top1_agreement"] = round(agreement([r["argmax"] for r in f32_rows], f32_argmax), 5)
+
     assert len(ref_nll) == len(sdlm_rows) == len(tokens) - 1
     sdlm_ppl = math.exp(sdlm_summary["mean_nll"])
     ref_ppl = math.exp(sum(ref_nll) / len(ref_nll))
-    agree = sum(r["argmax"] == a for r, a in zip(sdlm_rows, ref_argmax)) / len(ref_argmax)
+    agree = agreement([r["argmax"] for r in sdlm_rows], ref_argmax)
     same_tokens = own_tokens == tokens[1:]
     ref_tps = len(ref_nll) / ref_seconds
     result = {
@@ -98,6 +133,7 @@ def main():
         "llama_cpp_ppl": round(ref_ppl, 4),
         "ppl_rel_diff": round(abs(sdlm_ppl - ref_ppl) / ref_ppl, 5),
         "top1_agreement": round(agree, 5),
+        **extra,
         "tokenizer_agrees": same_tokens,
         "sdlm_tokens_per_s": round(sdlm_summary["tokens_per_second"], 1),
         "llama_cpp_tokens_per_s": round(ref_tps, 1),

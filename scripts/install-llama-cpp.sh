@@ -10,4 +10,8 @@ if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
   "$venv/bin/pip" install -q --disable-pip-version-check --no-binary llama-cpp-python \
     llama-cpp-python==0.3.16 numpy >&2
 fi
+# gguf-py writes the f32 copy that compare-llama-cpp.sh scores with SDLM_COMPARE_DEQUANTIZED=1.
+if ! "$venv/bin/python" -c 'import gguf' 2>/dev/null; then
+  "$venv/bin/pip" install -q --disable-pip-version-check gguf==0.19.0 >&2
+fi
 echo "$venv/bin/python"

@@ -25,24 +25,35 @@ fn llama_f32_gguf_with_permuted_qk_matches_transformers() {
 }
 
 #[test]
-fn qwen2_q8_0_gguf_matches_transformers_on_its_dequantized_weights() {
+fn qwen2_q8_0_gguf_matches_transformers_with_llama_cpps_activation_rounding() {
     let (model, _) = open_model(&fixture("gguf/qwen2-q8_0.gguf"), &Device::Cpu).unwrap();
     let c = model.config();
     assert!(c.attention_bias && c.tie_word_embeddings && !c.rope_interleaved);
     let (ids, want) = expected("gguf/qwen2-q8_0.expected.safetensors");
-    // 16 rows: the dequantized f32 weights, so transformers' numbers to f32 rounding.
+    // The reference is transformers on the dequantized Q8_0 weights with every projection's
+    // input rounded to Q8_0 first, as llama.cpp does, for the first rows of the sequence.
+    let want_rounded = want["q8_activation_logits"].to_vec2::<f32>().unwrap();
+    let rows = want_rounded.len();
+    // Many rows at once: the dequantized f32 weights after our own rounding of the activations.
+    let all = logits(&model, &ids, MaskRule::Causal);
     let diff = max_abs_diff(
-        &logits(&model, &ids, MaskRule::Causal),
-        &want["causal_logits"],
+        &all.narrow(0, 0, rows).unwrap(),
+        &want["q8_activation_logits"],
     );
-    eprintln!("qwen2 q8_0 gguf, 16 rows: max |Δlogit| = {diff:e}");
+    eprintln!(
+        "qwen2 q8_0 gguf, {} rows at once: max |Δlogit| = {diff:e}",
+        ids.len()
+    );
     assert!(diff <= 1e-4, "{diff}");
+    // Rounding matters: the unrounded reference differs by far more than the tolerance, so the
+    // comparison above would notice a path that skipped it.
+    let unrounded = max_abs_diff(&all, &want["causal_logits"]);
+    eprintln!("against the unrounded reference: max |Δlogit| = {unrounded:e}");
+    assert!(unrounded > 1e-3, "{unrounded}");
     // One row at a time (AR decoding over the cache): candle's quantized dot products, which
-    // round activations to Q8_0 as llama.cpp does; the reference is transformers with every
-    // projection input rounded the same way.
+    // round activations to Q8_0 in the same way.
     let mut cache = KvCache::new();
-    let want_few = want["q8_activation_logits"].to_vec2::<f32>().unwrap();
-    for (i, row) in want_few.iter().enumerate() {
+    for (i, row) in want_rounded.iter().enumerate() {
         let got = model
             .forward_cached(&ids[i..i + 1], &mut cache, 1, true)
             .unwrap();

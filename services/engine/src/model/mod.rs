@@ -6,6 +6,7 @@
 //! positions, and decoding attends bidirectionally inside a block.
 
 mod cache;
+mod ggml_rounding;
 mod layers;
 pub(crate) mod source;
 

@@ -21,10 +21,14 @@ pub(crate) enum Proj {
         /// The f32 weight, made on first use by a many-row input.
         dense: std::sync::OnceLock<Tensor>,
         qtensor: std::sync::Arc<QTensor>,
+        /// How llama.cpp would round the activations for this weight format; the many-row path
+        /// does the same, so that scoring a GGUF file agrees with llama.cpp's.
+        rounding: ActivationRounding,
         bias: Option<Tensor>,
     },
 }
 
+use super::ggml_rounding::ActivationRounding;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 
 /// Formats whose dot products candle runs without SIMD (scalar code, several times slower on
@@ -44,6 +48,7 @@ impl Proj {
         Ok(Proj::Quantized {
             weight: QMatMul::from_arc(few_rows)?,
             dense: std::sync::OnceLock::new(),
+            rounding: ActivationRounding::for_weight(qtensor.dtype()),
             qtensor,
             bias,
         })
@@ -58,6 +63,7 @@ impl Module for Proj {
                 weight,
                 dense,
                 qtensor,
+                rounding,
                 bias,
             } => {
                 let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
@@ -69,7 +75,7 @@ impl Module for Proj {
                             dense.get_or_init(|| w)
                         }
                     };
-                    x.broadcast_matmul(&w.t()?)?
+                    rounding.apply(x)?.broadcast_matmul(&w.t()?)?
                 } else {
                     weight.forward(x)?
                 };
