@@ -4,8 +4,9 @@
 //! request: its latency at the client minus the time the worker's engine spent decoding it
 //! (reported in `usage`), both of the same request, so the machine's noise between runs does
 //! not enter. With `--model` as well, the same prompts are first decoded in this process with the
-//! same parameters, for the whole in-process latency. A benchmark prints measurements; it
-//! asserts nothing.
+//! same parameters, for the whole in-process latency and for what the services add over an
+//! in-process caller (who also tokenizes, detokenizes and starts a decoder). A benchmark prints
+//! measurements; it asserts nothing.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -54,15 +55,27 @@ pub fn run(load: Load<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every prompt decoded here, one after another: seconds per prompt, tokenizing and
-/// detokenizing included as the gateway does them.
-fn in_process(model: &Path, prompts: &[String], max_new_tokens: usize) -> anyhow::Result<Vec<f64>> {
+/// One prompt decoded in this process.
+#[derive(Clone, Copy, Debug)]
+struct InProcess {
+    /// Tokenizing, decoding and detokenizing, as the gateway does them.
+    seconds: f64,
+    /// The decoder's own time (prefill and steps), measured as the worker measures it.
+    engine: f64,
+}
+
+/// Every prompt decoded here, one after another.
+fn in_process(
+    model: &Path,
+    prompts: &[String],
+    max_new_tokens: usize,
+) -> anyhow::Result<Vec<InProcess>> {
     let (model, tokenizer) = open_model(model, &Device::Cpu)?;
     let params = DecodingParams {
         max_new_tokens,
         ..DecodingParams::for_model(model.config())
     };
-    let mut seconds = Vec::new();
+    let mut runs = Vec::new();
     for prompt in prompts {
         let start = Instant::now();
         let ids = tokenizer
@@ -76,9 +89,13 @@ fn in_process(model: &Path, prompts: &[String], max_new_tokens: usize) -> anyhow
                     .map_err(|e| anyhow::anyhow!("detokenizing: {e}"))?;
             }
         }
-        seconds.push(start.elapsed().as_secs_f64());
+        let stats = d.stats();
+        runs.push(InProcess {
+            seconds: start.elapsed().as_secs_f64(),
+            engine: stats.prefill_seconds + stats.decode_seconds,
+        });
     }
-    Ok(seconds)
+    Ok(runs)
 }
 
 /// Every prompt through `concurrency` clients; samples in prompt order and the wall time.
@@ -173,7 +190,7 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
-fn report(load: &Load<'_>, baseline: Option<&[f64]>, levels: &[(usize, (Vec<Sample>, f64))]) {
+fn report(load: &Load<'_>, baseline: Option<&[InProcess]>, levels: &[(usize, (Vec<Sample>, f64))]) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if !load.json {
         println!(
@@ -250,9 +267,17 @@ fn report(load: &Load<'_>, baseline: Option<&[f64]>, levels: &[(usize, (Vec<Samp
     let added: Vec<f64> = serial
         .iter()
         .zip(baseline)
-        .map(|(s, b)| (s.seconds - b) * 1e3)
+        .map(|(s, b)| (s.seconds - b.seconds) * 1e3)
         .collect();
-    let base_ms: Vec<f64> = baseline.iter().map(|b| b * 1e3).collect();
+    // What the services add over an in-process caller: each request's time outside the engine
+    // through gRPC, minus the same prompt's time outside the engine in-process (tokenizing,
+    // detokenizing, starting the decoder), so neither run's engine speed enters.
+    let over: Vec<f64> = serial
+        .iter()
+        .zip(baseline)
+        .map(|(s, b)| ((s.seconds - s.engine) - (b.seconds - b.engine)) * 1e3)
+        .collect();
+    let base_ms: Vec<f64> = baseline.iter().map(|b| b.seconds * 1e3).collect();
     let engine_ms: Vec<f64> = serial.iter().map(|s| s.engine * 1e3).collect();
     if load.json {
         println!(
@@ -262,6 +287,8 @@ fn report(load: &Load<'_>, baseline: Option<&[f64]>, levels: &[(usize, (Vec<Samp
                 "latency_p50_ms": quantile(&base_ms, 0.5),
                 "worker_engine_p50_ms": quantile(&engine_ms, 0.5),
                 "grpc_minus_in_process_p50_ms": quantile(&added, 0.5),
+                "added_over_in_process_p50_ms": quantile(&over, 0.5),
+                "added_over_in_process_p99_ms": quantile(&over, 0.99),
             })
         );
     } else {
@@ -270,6 +297,11 @@ fn report(load: &Load<'_>, baseline: Option<&[f64]>, levels: &[(usize, (Vec<Samp
             quantile(&base_ms, 0.5),
             quantile(&engine_ms, 0.5),
             quantile(&added, 0.5),
+        );
+        println!(
+            "added over in-process (each side's time outside its engine, request by request): p50 {:.2} ms, p99 {:.2} ms",
+            quantile(&over, 0.5),
+            quantile(&over, 0.99),
         );
     }
 }
