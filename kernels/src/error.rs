@@ -23,11 +23,8 @@ pub enum KernelError {
     MissingKernel(String),
 }
 
-pub(crate) fn check_len(
-    field: &'static str,
-    actual: usize,
-    expected: usize,
-) -> Result<(), KernelError> {
+/// A length check that names the argument; shared with the engine's CPU kernels.
+pub fn check_len(field: &'static str, actual: usize, expected: usize) -> Result<(), KernelError> {
     if actual == expected {
         Ok(())
     } else {

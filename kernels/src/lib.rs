@@ -18,5 +18,5 @@ pub mod reference;
 pub mod cuda;
 
 pub use element::Element;
-pub use error::KernelError;
+pub use error::{check_len, KernelError};
 pub use layout::{AttentionShape, BatchStats, RaggedBatch};

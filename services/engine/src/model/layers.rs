@@ -153,19 +153,15 @@ impl Attention {
         x.transpose(1, 2)?.contiguous()
     }
 
-    /// Attention of the new tokens `x` over `past` keys/values (if any) and their own. Returns
-    /// the output and the keys/values of past and new tokens together (`[b, kv_heads, all, d]`,
-    /// after RoPE), which a caller may keep as the cache.
-    fn forward(
+    /// Queries, keys and values of `x` (`[b, len, hidden]`), each `[b, heads, len, d]`, with
+    /// RoPE applied to q and k.
+    fn qkv(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
-        past: Option<&(Tensor, Tensor)>,
         ops: Ops,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (b, len, _) = x.dims3()?;
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let q = self.split_heads(
             self.q_proj.forward(x)?,
             self.heads,
@@ -187,8 +183,23 @@ impl Attention {
             (true, Ops::Differentiable) => rope_i_slow,
             (false, Ops::Differentiable) => rope_slow,
         };
-        let q = rotate(&q, cos, sin)?;
-        let k = rotate(&k, cos, sin)?;
+        Ok((rotate(&q, cos, sin)?, rotate(&k, cos, sin)?, v))
+    }
+
+    /// Attention of the new tokens `x` over `past` keys/values (if any) and their own. Returns
+    /// the output and the keys/values of past and new tokens together (`[b, kv_heads, all, d]`,
+    /// after RoPE), which a caller may keep as the cache.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+        ops: Ops,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (b, len, _) = x.dims3()?;
+        let (q, k, v) = self.qkv(x, cos, sin, ops)?;
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
             None => (k, v),
@@ -206,6 +217,73 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, len, self.heads * self.head_dim))?;
         Ok((self.o_proj.forward(&out)?, (k_all, v_all)))
+    }
+}
+
+/// What a paged forward needs besides the hidden states: the batch's layout over the cache,
+/// the layer's K/V pages, and where the rows to commit go.
+pub(super) struct PagedStep<'a> {
+    pub batch: sdlm_kernels::RaggedBatch<'a>,
+    pub shape: sdlm_kernels::AttentionShape,
+    /// Per sequence: its first token in the batch, its context (tokens already in the cache) and
+    /// how many of its new tokens to write into the cache after this forward.
+    pub commits: &'a [(usize, usize, usize)],
+    pub tables: &'a [&'a crate::kv::BlockTable],
+}
+
+impl Attention {
+    /// Attention of a ragged batch `x` (`[1, tokens, hidden]`, each sequence's tokens at their
+    /// own positions) over the paged cache of `layer`; writes the committed rows' K/V there.
+    fn forward_paged(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        step: &PagedStep<'_>,
+        storage: &mut crate::kv::KvStorage,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (_, len, _) = x.dims3()?;
+        let (q, k, v) = self.qkv(x, cos, sin, Ops::Fast)?;
+        // [1, heads, tokens, d] → [tokens, heads, d] rows, the kernels' layout.
+        let rows = |t: Tensor| -> Result<Vec<f32>> {
+            t.transpose(1, 2)?
+                .to_dtype(candle_core::DType::F32)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        let (q, k, v) = (rows(q)?, rows(k)?, rows(v)?);
+        let row = self.kv_heads * self.head_dim;
+        let mut out = vec![0f32; len * self.heads * self.head_dim];
+        {
+            let (k_pages, v_pages) = storage.layer(layer);
+            let scale = 1.0 / (self.head_dim as f32).sqrt();
+            crate::kv::paged_attention(
+                &step.shape,
+                &step.batch,
+                &q,
+                &k,
+                &v,
+                k_pages,
+                v_pages,
+                scale,
+                &mut out,
+            )
+            .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
+        }
+        for (s, &(first, context, commit)) in step.commits.iter().enumerate() {
+            if commit == 0 {
+                continue;
+            }
+            let span = first * row..(first + commit) * row;
+            storage
+                .write(layer, step.tables[s], context, &k[span.clone()], &v[span])
+                .map_err(|e| candle_core::Error::Msg(format!("writing the KV cache: {e}")))?;
+        }
+        let out = Tensor::from_vec(out, (1, len, self.heads * self.head_dim), x.device())?
+            .to_dtype(x.dtype())?;
+        self.o_proj.forward(&out)
     }
 }
 
@@ -238,6 +316,27 @@ impl DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
         })
+    }
+
+    /// [`DecoderLayer::forward`] for a ragged batch over the paged cache (inference only).
+    pub(super) fn forward_paged(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        step: &PagedStep<'_>,
+        storage: &mut crate::kv::KvStorage,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let normed = rms_norm(&self.input_layernorm, x, Ops::Fast)?;
+        let h = self
+            .self_attn
+            .forward_paged(&normed, cos, sin, step, storage, layer)?;
+        let x = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&rms_norm(&self.post_attention_layernorm, &x, Ops::Fast)?)?;
+        x + h
     }
 
     pub(super) fn forward(

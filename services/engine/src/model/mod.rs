@@ -8,6 +8,7 @@
 mod cache;
 mod ggml_rounding;
 mod layers;
+mod paged;
 pub(crate) mod source;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -19,6 +20,7 @@ use layers::{DecoderLayer, Ops, Rotary};
 use source::{Proj, Safetensors, WeightSource};
 
 pub use cache::KvCache;
+pub use paged::PagedSeq;
 
 pub struct Model {
     embed_tokens: Embedding,

@@ -1,0 +1,123 @@
+//! Where the pages' keys and values live on the CPU: per layer, one K and one V buffer of
+//! `[num_pages, page_tokens, kv_heads, head_dim]` f32, the layout `paged_attention` reads and the
+//! CUDA kernels use. A committed block's K/V rows are written once, through its block table.
+
+use sdlm_kernels::{AttentionShape, KernelError};
+
+use super::block_table::BlockTable;
+
+pub struct KvStorage {
+    shape: AttentionShape,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl KvStorage {
+    /// Bytes one token takes across all layers (K and V, f32).
+    pub fn bytes_per_token(layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
+        2 * layers * num_kv_heads * head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Storage for `num_pages` pages in each of `layers` layers.
+    pub fn new(layers: usize, num_pages: usize, shape: AttentionShape) -> Self {
+        let elems = num_pages * shape.page_elems();
+        Self {
+            shape,
+            k: (0..layers).map(|_| vec![0.0; elems]).collect(),
+            v: (0..layers).map(|_| vec![0.0; elems]).collect(),
+        }
+    }
+
+    pub fn shape(&self) -> &AttentionShape {
+        &self.shape
+    }
+
+    /// One layer's K and V pages.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.k[layer], &self.v[layer])
+    }
+
+    /// Writes the K/V rows (`[n, kv_heads, head_dim]` each) of the table's tokens
+    /// `start..start + n` in `layer`; those tokens must already be committed to the table.
+    pub fn write(
+        &mut self,
+        layer: usize,
+        table: &BlockTable,
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KernelError> {
+        let row = self.shape.num_kv_heads * self.shape.head_dim;
+        let n = k.len() / row.max(1);
+        let page_tokens = self.shape.page_size;
+        let slots = (start..start + n)
+            .map(|i| {
+                let (page, offset) =
+                    table
+                        .slot(i, page_tokens)
+                        .ok_or_else(|| KernelError::OutOfRange {
+                            field: "start",
+                            value: i as i64,
+                            limit: format!("the table holds {} committed tokens", table.len()),
+                        })?;
+                Ok((page as usize * page_tokens + offset) as i32)
+            })
+            .collect::<Result<Vec<i32>, KernelError>>()?;
+        if layer >= self.k.len() {
+            return Err(KernelError::OutOfRange {
+                field: "layer",
+                value: layer as i64,
+                limit: format!("the storage has {} layers", self.k.len()),
+            });
+        }
+        sdlm_kernels::reference::kv_scatter(
+            row,
+            k,
+            v,
+            &slots,
+            &mut self.k[layer],
+            &mut self.v[layer],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::PagePool;
+
+    #[test]
+    fn rows_land_in_the_pages_of_the_table_and_nowhere_else() {
+        let shape = AttentionShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 8,
+            page_size: 4,
+        };
+        let pool = PagePool::new(8, 4);
+        let _other = pool.allocate(); // so the table's pages are not simply 0, 1, ...
+        let mut table = BlockTable::new();
+        table.commit(&pool, &[1, 2, 3, 4, 5, 6]).unwrap();
+        let mut storage = KvStorage::new(2, pool.total(), shape);
+        let k: Vec<f32> = (0..6 * 8).map(|x| x as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        storage.write(1, &table, 0, &k, &v).unwrap();
+        let (kp, vp) = storage.layer(1);
+        for i in 0..6 {
+            let (page, offset) = table.slot(i, 4).unwrap();
+            let at = (page as usize * 4 + offset) * 8;
+            assert_eq!(&kp[at..at + 8], &k[i * 8..][..8]);
+            assert_eq!(&vp[at..at + 8], &v[i * 8..][..8]);
+        }
+        let written = kp.iter().filter(|&&x| x != 0.0).count();
+        assert_eq!(
+            written,
+            6 * 8 - 1,
+            "every row once (the first value is 0.0)"
+        );
+        assert!(storage.layer(0).0.iter().all(|&x| x == 0.0));
+        // Tokens not committed to the table are refused, naming the argument.
+        let err = storage.write(0, &table, 5, &k[..16], &v[..16]).unwrap_err();
+        assert!(err.to_string().contains("start"), "{err}");
+    }
+}
