@@ -1,6 +1,7 @@
 //! `sdlm bench`: autoregressive and diffusion decoding of the same model on the same prompts in
 //! one process, every configuration in turn, then the time of one forward over n tokens next to
-//! this machine's floor for it. With `--target`, a load generator over gRPC instead (`load.rs`).
+//! this machine's floor for it. With `--target`, a load generator over gRPC instead (`load.rs`);
+//! with `--concurrency`, the step batcher at each level (`batched_bench.rs`).
 //! A benchmark prints measurements; it asserts nothing.
 
 use std::path::PathBuf;
@@ -20,9 +21,13 @@ pub struct Args {
     /// A gateway (or `sdlm serve`) address: run the prompts over gRPC at each --concurrency.
     #[arg(long)]
     target: Option<String>,
-    /// Concurrent clients for --target, e.g. 1,4,16.
+    /// Concurrent clients for --target, e.g. 1,4,16. With --model alone, anything but 1 runs
+    /// the prompts through the engine's step batcher with that many sequences in flight.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     concurrency: Vec<usize>,
+    /// KV cache pages of 16 tokens for the step batcher (--model with --concurrency).
+    #[arg(long, default_value_t = 4096)]
+    kv_pages: usize,
     /// JSON lines, each with a "prompt" string.
     #[arg(long)]
     prompts: PathBuf,
@@ -105,6 +110,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.mode.clone()
     };
+    if args.concurrency != [1] {
+        let ids = prompts
+            .iter()
+            .map(|p| {
+                tokenizer
+                    .encode(p.as_str(), true)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return batched(&args, &model, &ids, &modes);
+    }
     let mut configs = Vec::new();
     for &mode in &modes {
         match mode {
@@ -306,4 +323,44 @@ fn measure_copy_bandwidth() -> anyhow::Result<f64> {
         std::hint::black_box(&dst);
     }
     Ok(2.0 * (src.len() * reps) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Each mode (diffusion at the first block size and threshold) through the step batcher at each
+/// concurrency.
+fn batched(args: &Args, model: &Model, ids: &[Vec<u32>], modes: &[Mode]) -> anyhow::Result<()> {
+    use crate::batched_bench::{report, run_level};
+    const PAGE_TOKENS: usize = 16;
+    if !args.json {
+        println!(
+            "model {}, {} prompts, max_new_tokens {}, CPU, {} threads, step batcher, {} KV pages of {PAGE_TOKENS} tokens",
+            args.model.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            ids.len(),
+            args.max_new_tokens,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            args.kv_pages,
+        );
+        println!(
+            "{:>14} {:>6} {:>11} {:>9} {:>10} {:>8} {:>10}",
+            "mode", "block", "concurrency", "tokens/s", "vs first", "tok/fwd", "iterations"
+        );
+    }
+    for &mode in modes {
+        let params = DecodingParams {
+            mode,
+            block_size: match mode {
+                Mode::Autoregressive => 1,
+                Mode::Diffusion => args.block_size.first().copied().unwrap_or(32),
+            },
+            threshold: args.threshold.first().copied().unwrap_or(0.9),
+            max_new_tokens: args.max_new_tokens,
+            ..DecodingParams::for_model(model.config())
+        };
+        let mut levels = Vec::new();
+        for &c in &args.concurrency {
+            let pool = sdlm_engine::kv::PagePool::new(args.kv_pages, PAGE_TOKENS);
+            levels.push(run_level(model, ids, &params, c, pool)?);
+        }
+        report(model, PAGE_TOKENS, &levels, args.json);
+    }
+    Ok(())
 }

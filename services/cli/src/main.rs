@@ -1,5 +1,6 @@
 //! sdlm: the one user-facing binary.
 
+mod batched_bench;
 mod bench;
 mod cluster;
 mod generate;

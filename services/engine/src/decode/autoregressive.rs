@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use super::{prefill, rows, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler};
 use crate::error::Result;
-use crate::model::{KvCache, Model};
+use crate::model::{KvCache, Model, SequenceCache};
 
 pub struct AutoregressiveDecoder<'m> {
     model: &'m Model,
-    cache: KvCache,
+    cache: Box<dyn SequenceCache + 'm>,
     last_logits: Vec<f32>,
     max_new_tokens: usize,
     sampler: Sampler,
@@ -19,9 +19,19 @@ pub struct AutoregressiveDecoder<'m> {
 }
 
 impl<'m> AutoregressiveDecoder<'m> {
-    /// Prefills the prompt (one causal forward into the cache).
+    /// Prefills the prompt (one causal forward into a dense cache of its own).
     pub fn new(model: &'m Model, prompt: &[u32], params: &DecodingParams) -> Result<Self> {
-        let (cache, last_logits, stats) = prefill(model, prompt)?;
+        Self::new_in(model, prompt, params, Box::new(KvCache::new()))
+    }
+
+    /// [`AutoregressiveDecoder::new`] over the given empty cache.
+    pub fn new_in(
+        model: &'m Model,
+        prompt: &[u32],
+        params: &DecodingParams,
+        mut cache: Box<dyn SequenceCache + 'm>,
+    ) -> Result<Self> {
+        let (last_logits, stats) = prefill(model, prompt, cache.as_mut())?;
         Ok(Self {
             model,
             cache,
@@ -45,8 +55,19 @@ impl<'m> AutoregressiveDecoder<'m> {
         committed: &[u32],
         params: &DecodingParams,
     ) -> Result<Self> {
+        Self::resume_in(model, prompt, committed, params, Box::new(KvCache::new()))
+    }
+
+    /// [`AutoregressiveDecoder::resume`] over the given empty cache.
+    pub fn resume_in(
+        model: &'m Model,
+        prompt: &[u32],
+        committed: &[u32],
+        params: &DecodingParams,
+        cache: Box<dyn SequenceCache + 'm>,
+    ) -> Result<Self> {
         let sequence: Vec<u32> = prompt.iter().chain(committed).copied().collect();
-        let mut decoder = Self::new(model, &sequence, params)?;
+        let mut decoder = Self::new_in(model, &sequence, params, cache)?;
         decoder.progress.completion = committed.to_vec();
         Ok(decoder)
     }
@@ -68,9 +89,7 @@ impl Decoder for AutoregressiveDecoder<'_> {
         if self.progress.completion.len() >= self.max_new_tokens {
             self.progress.finish = Some(FinishReason::Length);
         } else {
-            let logits = self
-                .model
-                .forward_cached(&[token], &mut self.cache, 1, true)?;
+            let logits = self.cache.forward(self.model, &[token], 1, 1)?;
             self.progress.stats.commit_forwards += 1;
             self.last_logits = rows(&logits)?.pop().unwrap_or_default();
         }

@@ -14,7 +14,7 @@ use super::{
     prefill, rows, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler,
 };
 use crate::error::{EngineError, Result};
-use crate::model::{KvCache, Model};
+use crate::model::{KvCache, Model, SequenceCache};
 
 pub struct DiffusionDecoder<'m> {
     model: &'m Model,
@@ -22,7 +22,7 @@ pub struct DiffusionDecoder<'m> {
     mask_id: u32,
     /// Position i predicts token i + 1 (true) or itself (false).
     shift: bool,
-    cache: KvCache,
+    cache: Box<dyn SequenceCache + 'm>,
     /// Logits of the last committed position (used when `shift`).
     last_logits: Vec<f32>,
     block: Vec<u32>,
@@ -37,13 +37,23 @@ pub struct DiffusionDecoder<'m> {
 }
 
 impl<'m> DiffusionDecoder<'m> {
-    /// Prefills the prompt as one causal prefix.
+    /// Prefills the prompt as one causal prefix, into a dense cache of its own.
     pub fn new(model: &'m Model, prompt: &[u32], params: &DecodingParams) -> Result<Self> {
+        Self::new_in(model, prompt, params, Box::new(KvCache::new()))
+    }
+
+    /// [`DiffusionDecoder::new`] over the given empty cache.
+    pub fn new_in(
+        model: &'m Model,
+        prompt: &[u32],
+        params: &DecodingParams,
+        mut cache: Box<dyn SequenceCache + 'm>,
+    ) -> Result<Self> {
         let config = model.config();
         let mask_id = config.diffusion.mask_token_id.ok_or_else(|| {
             EngineError::Input("diffusion decoding needs the model's mask_token_id".into())
         })?;
-        let (cache, last_logits, stats) = prefill(model, prompt)?;
+        let (last_logits, stats) = prefill(model, prompt, cache.as_mut())?;
         Ok(Self {
             model,
             params: params.clone(),
@@ -76,12 +86,25 @@ impl<'m> DiffusionDecoder<'m> {
         committed: &[u32],
         params: &DecodingParams,
     ) -> Result<Self> {
-        let mut decoder = Self::new(model, prompt, params)?;
+        Self::resume_in(model, prompt, committed, params, Box::new(KvCache::new()))
+    }
+
+    /// [`DiffusionDecoder::resume`] over the given empty cache.
+    pub fn resume_in(
+        model: &'m Model,
+        prompt: &[u32],
+        committed: &[u32],
+        params: &DecodingParams,
+        cache: Box<dyn SequenceCache + 'm>,
+    ) -> Result<Self> {
+        let mut decoder = Self::new_in(model, prompt, params, cache)?;
         let block = params.block_size;
         let last_start = committed.len().saturating_sub(1) / block * block;
         if last_start > 0 {
             let start = Instant::now();
-            model.forward_cached(&committed[..last_start], &mut decoder.cache, block, true)?;
+            decoder
+                .cache
+                .forward(model, &committed[..last_start], block, last_start)?;
             decoder.progress.stats.prefill_forwards += 1;
             decoder.progress.stats.prefill_seconds += start.elapsed().as_secs_f64();
         }
@@ -127,9 +150,7 @@ impl<'m> DiffusionDecoder<'m> {
         self.progress.stats.denoise_forwards += 1;
         let pending = std::mem::take(&mut self.pending);
         if pending.is_empty() {
-            return self
-                .model
-                .forward_cached(&self.block, &mut self.cache, len, false);
+            return self.cache.forward(self.model, &self.block, len, 0);
         }
         // The finished block is query block 0 and the open one block 1: only the final block of
         // a generation is shorter than the one before it, so the open block never spills over.
@@ -137,9 +158,7 @@ impl<'m> DiffusionDecoder<'m> {
         debug_assert!(len <= p);
         let mut tokens = pending;
         tokens.extend_from_slice(&self.block);
-        let logits = self
-            .model
-            .forward_cached_committing(&tokens, &mut self.cache, p, p)?;
+        let logits = self.cache.forward(self.model, &tokens, p, p)?;
         if self.shift {
             self.last_logits = rows(&logits.narrow(0, p - 1, 1)?)?
                 .pop()

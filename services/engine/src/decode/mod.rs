@@ -4,17 +4,19 @@
 //! KV cache; an open diffusion block is recomputed at each step and written once, at commit.
 
 mod autoregressive;
+mod batcher;
 mod diffusion;
 mod params;
 mod sampling;
 
 pub use autoregressive::AutoregressiveDecoder;
+pub use batcher::{SeqId, StepBatcher, StepOutput};
 pub use diffusion::DiffusionDecoder;
 pub use params::{DecodingParams, Mode, ModelLimits, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use sampling::{softmax, Pick, Sampler};
 
 use crate::error::{EngineError, Result};
-use crate::model::Model;
+use crate::model::{KvCache, Model, SequenceCache};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
@@ -65,7 +67,7 @@ pub struct Progress {
     pub finish: Option<FinishReason>,
 }
 
-pub trait Decoder {
+pub trait Decoder: Send {
     /// Advances the sequence by one step; returns the tokens this step committed (often none
     /// for diffusion until a block completes). Does nothing once finished.
     fn step(&mut self) -> Result<Vec<u32>>;
@@ -87,30 +89,15 @@ pub trait Decoder {
     }
 }
 
-/// The decoder `params` ask for. Autoregressive decoding of a model whose positions predict
-/// themselves (logits_shift = false) is diffusion with blocks of one token.
+/// The decoder `params` ask for, over its own dense cache. Autoregressive decoding of a model
+/// whose positions predict themselves (logits_shift = false) is diffusion with blocks of one
+/// token.
 pub fn decoder_for<'m>(
     model: &'m Model,
     prompt: &[u32],
     params: &DecodingParams,
 ) -> Result<Box<dyn Decoder + 'm>> {
-    params
-        .validate(model.config(), prompt.len())
-        .map_err(EngineError::Input)?;
-    let shift = model.config().diffusion.logits_shift.unwrap_or(true);
-    Ok(match params.mode {
-        Mode::Autoregressive if shift => {
-            Box::new(AutoregressiveDecoder::new(model, prompt, params)?)
-        }
-        Mode::Autoregressive => {
-            let p = DecodingParams {
-                block_size: 1,
-                ..params.clone()
-            };
-            Box::new(DiffusionDecoder::new(model, prompt, &p)?)
-        }
-        Mode::Diffusion => Box::new(DiffusionDecoder::new(model, prompt, params)?),
-    })
+    decoder_resuming_in(model, prompt, &[], params, Box::new(KvCache::new()))
 }
 
 /// The decoder of a sequence that has already committed `committed` tokens (on a worker that
@@ -126,13 +113,22 @@ pub fn decoder_resuming<'m>(
     committed: &[u32],
     params: &DecodingParams,
 ) -> Result<Box<dyn Decoder + 'm>> {
-    if committed.is_empty() {
-        return decoder_for(model, prompt, params);
-    }
+    decoder_resuming_in(model, prompt, committed, params, Box::new(KvCache::new()))
+}
+
+/// [`decoder_resuming`] (nothing committed: [`decoder_for`]) over the given empty cache: a step
+/// batcher hands each decoder a cache whose forwards it batches.
+pub fn decoder_resuming_in<'m>(
+    model: &'m Model,
+    prompt: &[u32],
+    committed: &[u32],
+    params: &DecodingParams,
+    cache: Box<dyn SequenceCache + 'm>,
+) -> Result<Box<dyn Decoder + 'm>> {
     params
         .validate(model.config(), prompt.len())
         .map_err(EngineError::Input)?;
-    if committed.len() >= params.max_new_tokens {
+    if !committed.is_empty() && committed.len() >= params.max_new_tokens {
         return Err(EngineError::Input(format!(
             "{} tokens are already committed; max_new_tokens is {}, so nothing is left to decode",
             committed.len(),
@@ -141,17 +137,21 @@ pub fn decoder_resuming<'m>(
     }
     let shift = model.config().diffusion.logits_shift.unwrap_or(true);
     Ok(match params.mode {
-        Mode::Autoregressive if shift => Box::new(AutoregressiveDecoder::resume(
-            model, prompt, committed, params,
+        Mode::Autoregressive if shift => Box::new(AutoregressiveDecoder::resume_in(
+            model, prompt, committed, params, cache,
         )?),
         Mode::Autoregressive => {
             let p = DecodingParams {
                 block_size: 1,
                 ..params.clone()
             };
-            Box::new(DiffusionDecoder::resume(model, prompt, committed, &p)?)
+            Box::new(DiffusionDecoder::resume_in(
+                model, prompt, committed, &p, cache,
+            )?)
         }
-        Mode::Diffusion => Box::new(DiffusionDecoder::resume(model, prompt, committed, params)?),
+        Mode::Diffusion => Box::new(DiffusionDecoder::resume_in(
+            model, prompt, committed, params, cache,
+        )?),
     })
 }
 
@@ -173,22 +173,22 @@ pub(crate) fn stop_ids(model: &Model, params: &DecodingParams) -> Vec<u32> {
     ids
 }
 
-/// Runs the prompt as one causal prefix into a new cache; returns the cache, the logits of the
-/// prompt's last position (what an AR step or a shifted block reads first), and the counters.
+/// Runs the prompt as one causal prefix into an empty cache; returns the logits of the prompt's
+/// last position (what an AR step or a shifted block reads first), and the counters.
 pub(crate) fn prefill(
     model: &Model,
     prompt: &[u32],
-) -> Result<(crate::model::KvCache, Vec<f32>, DecodeStats)> {
+    cache: &mut dyn SequenceCache,
+) -> Result<(Vec<f32>, DecodeStats)> {
     let start = std::time::Instant::now();
-    let mut cache = crate::model::KvCache::new();
-    let logits = model.forward_cached(prompt, &mut cache, 1, true)?;
+    let logits = cache.forward(model, prompt, 1, prompt.len())?;
     let last_logits = rows(&logits)?.pop().unwrap_or_default();
     let stats = DecodeStats {
         prefill_forwards: 1,
         prefill_seconds: start.elapsed().as_secs_f64(),
         ..DecodeStats::default()
     };
-    Ok((cache, last_logits, stats))
+    Ok((last_logits, stats))
 }
 
 /// The rows of a `[n, vocab]` logits tensor.

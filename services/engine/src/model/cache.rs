@@ -33,3 +33,30 @@ impl KvCache {
         self.len = len;
     }
 }
+
+/// Where a decoder's forwards run: its own dense cache (one sequence at a time), or a step
+/// batcher that runs the forwards of many sequences as one over the paged cache.
+pub trait SequenceCache: Send {
+    /// Logits `[n, vocab]` for the next n tokens of the sequence (at positions after the
+    /// committed ones, seeing all of them, and each other by the query-block rule); the first
+    /// `commit` of them join the cache.
+    fn forward(
+        &mut self,
+        model: &super::Model,
+        tokens: &[u32],
+        query_block: usize,
+        commit: usize,
+    ) -> crate::error::Result<Tensor>;
+}
+
+impl SequenceCache for KvCache {
+    fn forward(
+        &mut self,
+        model: &super::Model,
+        tokens: &[u32],
+        query_block: usize,
+        commit: usize,
+    ) -> crate::error::Result<Tensor> {
+        model.forward_cached_committing(tokens, self, query_block, commit)
+    }
+}

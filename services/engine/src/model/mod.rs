@@ -19,7 +19,7 @@ use crate::error::{EngineError, Result};
 use layers::{DecoderLayer, Ops, Rotary};
 use source::{Proj, Safetensors, WeightSource};
 
-pub use cache::KvCache;
+pub use cache::{KvCache, SequenceCache};
 pub use paged::PagedSeq;
 
 pub struct Model {
