@@ -1,16 +1,18 @@
-//! The engine thread: it owns the model and every running sequence's decoder, and advances them
-//! in turns, one decoding step each per iteration, so that all running streams make progress.
-//! (Batching those steps into one forward is the step batcher's job, in the worker-engine
-//! issue; this loop is where it plugs in.) Committed blocks go out as events the moment they
-//! land; a sequence whose caller went away is dropped at its next turn.
+//! The engine thread: it owns the model and the step batcher, admits the jobs the gRPC side
+//! queues, and runs engine iterations: every running sequence advances one decoding step, and
+//! all their forwards run as one ragged forward over the paged KV cache (`StepBatcher`).
+//! Committed blocks go out as events the moment they land; a sequence whose caller went away
+//! leaves the batch before the next iteration.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use sdlm_engine::decode::{decoder_resuming, DecodeStats, Decoder, DecodingParams};
-use sdlm_engine::Model;
+use sdlm_engine::decode::{DecodeStats, DecodingParams, SeqId, StepBatcher, StepOutput};
+use sdlm_engine::kv::PagePool;
+use sdlm_engine::{EngineError, Model};
 use sdlm_proto::v1::SequenceEvent;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
@@ -58,14 +60,25 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine thread; at most `max_running` sequences advance at once, the rest wait.
-    pub fn start(model: Model, worker_id: String, max_running: usize) -> Self {
+    /// Starts the engine thread over a KV cache of `kv_pages` pages of `page_tokens` tokens; at
+    /// most `max_running` sequences advance at once, the rest wait.
+    pub fn start(
+        model: Model,
+        worker_id: String,
+        max_running: usize,
+        kv_pages: usize,
+        page_tokens: usize,
+    ) -> Self {
         let (jobs, rx) = mpsc::channel();
         let state = Arc::new(EngineState::default());
         let shared = Arc::clone(&state);
         let thread = std::thread::Builder::new()
             .name("sdlm-engine".into())
-            .spawn(move || run_loop(&model, &worker_id, max_running.max(1), &rx, &shared))
+            .spawn(move || {
+                let pool = PagePool::new(kv_pages, page_tokens);
+                let mut batcher = StepBatcher::new(&model, pool);
+                run_loop(&mut batcher, &worker_id, max_running.max(1), &rx, &shared)
+            })
             .ok();
         Self {
             jobs,
@@ -95,175 +108,194 @@ impl Engine {
     }
 }
 
-struct Running<'m> {
+/// A job the batcher runs.
+struct Running {
     job: Job,
-    decoder: Box<dyn Decoder + 'm>,
+    /// Counters already sent in events (of the decoder's current admission).
     reported: DecodeStats,
-    /// Set when decoding failed: the sequence ends with this status.
-    failed: Option<&'static str>,
     /// The span of the block being decoded: opened at its first step, closed at its commit.
     block: Option<tracing::Span>,
     blocks: usize,
+    /// Completion tokens so far, those it was resumed after included.
+    tokens: usize,
 }
 
 fn run_loop(
-    model: &Model,
+    batcher: &mut StepBatcher<'_>,
     worker_id: &str,
     max_running: usize,
     jobs: &mpsc::Receiver<Job>,
     state: &EngineState,
 ) {
     let metrics = sdlm_runtime::metrics();
-    let mut running: Vec<Running<'_>> = Vec::new();
+    let mut running: HashMap<SeqId, Running> = HashMap::new();
     loop {
         // Block for work when idle; otherwise take whatever has arrived, up to the limit.
         if running.is_empty() {
             match jobs.recv() {
-                Ok(job) => admit(model, job, state, &mut running),
+                Ok(job) => admit(batcher, job, state, &mut running),
                 Err(_) => return,
             }
         }
         while running.len() < max_running {
             match jobs.try_recv() {
-                Ok(job) => admit(model, job, state, &mut running),
+                Ok(job) => admit(batcher, job, state, &mut running),
                 Err(_) => break,
             }
         }
         if state.hand_back.load(Ordering::SeqCst) && !running.is_empty() {
-            let handed = running.len();
-            for r in running.drain(..) {
+            for (id, r) in running.drain() {
+                batcher.remove(id);
                 r.job.done("aborted");
                 let _ = r.job.events.send(Err(Status::aborted(
                     "worker draining: sequence handed back at its last committed block",
                 )));
+                leave(state);
             }
-            state.running.fetch_sub(handed, Ordering::SeqCst);
-            metrics.sequences_running.sub(handed as i64);
+            continue;
+        }
+        running.retain(|&id, r| {
+            if !r.job.events.is_closed() {
+                return true;
+            }
+            tracing::debug!(
+                request_id = r.job.request_id,
+                "caller gone; sequence dropped"
+            );
+            batcher.remove(id);
+            r.job.done("cancelled");
+            leave(state);
+            false
+        });
+        if running.is_empty() {
             continue;
         }
         metrics.batch_size.observe(running.len() as f64);
-        for r in running.iter_mut() {
-            advance(r, worker_id);
-        }
-        let before = running.len();
-        running.retain(|r| {
-            let ended = if r.failed.is_some() {
-                r.failed
-            } else if r.job.events.is_closed() {
-                Some("cancelled")
-            } else {
-                r.decoder.finished().map(|_| "ok")
-            };
-            if let Some(status) = ended {
-                r.job.done(status);
+        for r in running.values_mut() {
+            if r.block.is_none() {
+                r.block = Some(tracing::info_span!(
+                    parent: &r.job.span,
+                    "block",
+                    request_id = %r.job.request_id,
+                    index = r.blocks,
+                    tokens = tracing::field::Empty,
+                    forward_passes = tracing::field::Empty,
+                ));
             }
-            ended.is_none()
-        });
-        let ended = before - running.len();
-        state.running.fetch_sub(ended, Ordering::SeqCst);
-        metrics.sequences_running.sub(ended as i64);
+        }
+        let mut ended = Vec::new();
+        for out in batcher.step() {
+            let id = out.id;
+            if let Some(r) = running.get_mut(&id) {
+                if let Some(status) = deliver(r, out, worker_id) {
+                    r.job.done(&status);
+                    ended.push(id);
+                }
+            }
+        }
+        for id in ended {
+            running.remove(&id);
+            leave(state);
+        }
     }
 }
 
-fn admit<'m>(model: &'m Model, job: Job, state: &EngineState, running: &mut Vec<Running<'m>>) {
+/// A sequence left the engine.
+fn leave(state: &EngineState) {
+    state.running.fetch_sub(1, Ordering::SeqCst);
+    sdlm_runtime::metrics().sequences_running.dec();
+}
+
+fn admit(
+    batcher: &mut StepBatcher<'_>,
+    job: Job,
+    state: &EngineState,
+    running: &mut HashMap<SeqId, Running>,
+) {
     state.queued.fetch_sub(1, Ordering::SeqCst);
     sdlm_runtime::metrics().queue_depth.dec();
     if job.events.is_closed() {
         job.done("cancelled");
         return;
     }
-    let decoder = decoder_resuming(model, &job.prompt, &job.committed, &job.params);
-    match decoder {
-        Ok(decoder) => {
-            tracing::debug!(
-                request_id = job.request_id,
-                prompt = job.prompt.len(),
-                resumed_after = job.committed.len(),
-                kv_pages = job.pages.count(),
-                "sequence started"
-            );
-            state.running.fetch_add(1, Ordering::SeqCst);
-            sdlm_runtime::metrics().sequences_running.inc();
-            running.push(Running {
-                job,
-                decoder,
-                reported: DecodeStats::default(),
-                failed: None,
-                block: None,
-                blocks: 0,
-            });
-        }
-        Err(e) => {
-            // Requests were validated before they got here; what fails now is either input
-            // only the model can judge, or the engine itself.
-            let status = match e {
-                sdlm_engine::EngineError::Input(m) => Status::invalid_argument(m),
-                other => Status::internal(format!("starting the sequence: {other}")),
-            };
-            job.done(&sdlm_runtime::status_label(status.code()));
-            let _ = job.events.send(Err(status));
-        }
-    }
+    tracing::debug!(
+        request_id = job.request_id,
+        prompt = job.prompt.len(),
+        resumed_after = job.committed.len(),
+        kv_pages = job.pages.count(),
+        "sequence started"
+    );
+    let id = batcher.add_resuming(
+        job.prompt.clone(),
+        job.committed.clone(),
+        job.params.clone(),
+    );
+    state.running.fetch_add(1, Ordering::SeqCst);
+    sdlm_runtime::metrics().sequences_running.inc();
+    let tokens = job.committed.len();
+    running.insert(
+        id,
+        Running {
+            job,
+            reported: DecodeStats::default(),
+            block: None,
+            blocks: 0,
+            tokens,
+        },
+    );
 }
 
-/// One step of one sequence; sends an event when a block commits or the sequence ends.
-fn advance(r: &mut Running<'_>, worker_id: &str) {
-    if r.job.events.is_closed() {
-        tracing::debug!(
-            request_id = r.job.request_id,
-            "caller gone; sequence dropped"
-        );
-        return;
+/// Sends what one iteration did for a sequence as an event (when a block committed or the
+/// sequence ended); returns the status label when the sequence has ended.
+fn deliver(r: &mut Running, out: StepOutput, worker_id: &str) -> Option<String> {
+    if let Some(e) = out.error {
+        // Requests were validated before they got here; what fails now is either input only the
+        // model can judge, or the engine itself.
+        let status = match e {
+            EngineError::Input(m) => Status::invalid_argument(m),
+            other => {
+                tracing::error!(request_id = r.job.request_id, error = %other, "decoding failed");
+                Status::internal(format!("decoding failed: {other}"))
+            }
+        };
+        let label = sdlm_runtime::status_label(status.code());
+        let _ = r.job.events.send(Err(status));
+        return Some(label);
     }
-    if r.block.is_none() {
-        r.block = Some(tracing::info_span!(
-            parent: &r.job.span,
-            "block",
-            request_id = %r.job.request_id,
-            index = r.blocks,
-            tokens = tracing::field::Empty,
-            forward_passes = tracing::field::Empty,
-        ));
+    if out.preempted {
+        // Its decoder and pages are gone; it resumes after its committed tokens, counting anew.
+        r.reported = DecodeStats::default();
+        return None;
     }
-    let committed = match r.decoder.step() {
-        Ok(tokens) => tokens,
-        Err(e) => {
-            tracing::error!(request_id = r.job.request_id, error = %e, "decoding failed");
-            let _ = r
-                .job
-                .events
-                .send(Err(Status::internal(format!("decoding failed: {e}"))));
-            r.failed = Some("internal");
-            return;
-        }
-    };
-    let finish = r.decoder.finished();
-    if committed.is_empty() && finish.is_none() {
-        return;
+    if out.tokens.is_empty() && out.finish.is_none() {
+        return None;
     }
-    let stats = r.decoder.stats().clone();
-    let forwards = stats.forward_passes() - r.reported.forward_passes();
+    let stats = out.stats;
+    let forwards = stats
+        .forward_passes()
+        .saturating_sub(r.reported.forward_passes());
     let event = SequenceEvent {
-        tokens: committed,
+        tokens: out.tokens,
         forward_passes: forwards as u32,
-        steps: (stats.steps - r.reported.steps) as u32,
-        edits: (stats.edits - r.reported.edits) as u32,
-        finish_reason: finish.map(|f| f.as_str().to_string()),
+        steps: stats.steps.saturating_sub(r.reported.steps) as u32,
+        edits: stats.edits.saturating_sub(r.reported.edits) as u32,
+        finish_reason: out.finish.map(|f| f.as_str().to_string()),
         worker_id: worker_id.to_string(),
         migrations: 0,
-        engine_seconds: (stats.prefill_seconds + stats.decode_seconds)
-            - (r.reported.prefill_seconds + r.reported.decode_seconds),
+        engine_seconds: ((stats.prefill_seconds + stats.decode_seconds)
+            - (r.reported.prefill_seconds + r.reported.decode_seconds))
+            .max(0.0),
     };
     let metrics = sdlm_runtime::metrics();
     metrics.forward_passes_total.inc_by(forwards as u64);
     metrics
         .tokens_generated_total
         .inc_by(event.tokens.len() as u64);
-    if finish.is_some() {
-        let total = r.decoder.completion().len() as f64;
+    r.tokens += event.tokens.len();
+    if out.finish.is_some() {
         metrics
             .tokens_per_forward
-            .observe(total / stats.forward_passes().max(1) as f64);
+            .observe(r.tokens as f64 / stats.forward_passes().max(1) as f64);
     }
     r.reported = stats;
     if let Some(block) = r.block.take() {
@@ -271,5 +303,7 @@ fn advance(r: &mut Running<'_>, worker_id: &str) {
         block.record("forward_passes", forwards);
     }
     r.blocks += 1;
+    let finished = event.finish_reason.is_some();
     let _ = r.job.events.send(Ok(event));
+    finished.then(|| "ok".to_string())
 }

@@ -124,7 +124,13 @@ pub async fn start(
     let pages = pages::PageBudget::new(kv_bytes, config.page_tokens, model.config());
     let limits = ModelLimits::of(model.config());
     let mask_token_id = model.config().diffusion.mask_token_id;
-    let engine = Arc::new(engine::Engine::start(model, id.clone(), config.max_running));
+    let engine = Arc::new(engine::Engine::start(
+        model,
+        id.clone(),
+        config.max_running,
+        pages.total(),
+        config.page_tokens,
+    ));
     let draining = Arc::new(AtomicBool::new(false));
     let service = service::WorkerService {
         id: id.clone(),

@@ -1,8 +1,8 @@
 //! KV capacity in pages of `page_tokens` tokens: what the worker admits against and reports to
 //! the scheduler. A sequence reserves pages for its prompt plus `max_new_tokens` when it starts
 //! and returns them when it ends (the reservation is a value that frees itself on drop). The
-//! cache itself is still one tensor per layer and sequence; the paged pool that these pages
-//! will back comes with the worker-engine issue, and keeps this accounting.
+//! engine's page pool has the same number of pages, so a sequence admitted here always finds
+//! its pages there (prefix sharing only makes it use fewer).
 
 use std::sync::{Arc, Mutex};
 

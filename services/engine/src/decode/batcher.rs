@@ -13,7 +13,8 @@
 //! page is preempted: its decoder and pages are dropped, and it is admitted again later and
 //! resumes after its committed tokens (`decoder_resuming_in`).
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use candle_core::Tensor;
 
@@ -56,19 +57,28 @@ enum Message {
     Done,
 }
 
+/// What decoders' caches share with the batcher: the pages' K/V, and whether the one sequence
+/// stepping runs its forward itself (no other forward to batch it with, so no thread and no
+/// hand-off: a lone stream pays nothing for batching).
+struct Shared {
+    storage: Mutex<KvStorage>,
+    solo: AtomicBool,
+}
+
 /// A decoder's cache under the batcher: its block table, and the way to the batcher.
 struct PagedCache {
     table: BlockTable,
     /// Tokens of the table whose K/V are in the pages.
     context: usize,
     pool: PagePool,
+    shared: Arc<Shared>,
     batcher: mpsc::Sender<Message>,
 }
 
 impl SequenceCache for PagedCache {
     fn forward(
         &mut self,
-        _model: &Model,
+        model: &Model,
         tokens: &[u32],
         query_block: usize,
         commit: usize,
@@ -77,6 +87,23 @@ impl SequenceCache for PagedCache {
             EngineError::Input(format!("commit {commit} of {} tokens", tokens.len()))
         })?;
         self.table.commit(&self.pool, committing)?;
+        if self.shared.solo.load(Ordering::SeqCst) {
+            let seq = PagedSeq {
+                tokens,
+                table: &self.table,
+                context: self.context,
+                query_block,
+                commit,
+            };
+            let mut storage = self
+                .shared
+                .storage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let logits = model.forward_paged(&[seq], &mut storage)?;
+            self.context += commit;
+            return Ok(logits);
+        }
         let (reply, answer) = mpsc::channel();
         let request = ForwardRequest {
             tokens: tokens.to_vec(),
@@ -122,6 +149,7 @@ impl<'m> Entry<'m> {
         &mut self,
         model: &'m Model,
         pool: &PagePool,
+        shared: &Arc<Shared>,
         batcher: mpsc::Sender<Message>,
     ) -> Outcome {
         match &mut self.stage {
@@ -130,6 +158,7 @@ impl<'m> Entry<'m> {
                     table: BlockTable::new(),
                     context: 0,
                     pool: pool.clone(),
+                    shared: Arc::clone(shared),
                     batcher,
                 };
                 let started = decoder_resuming_in(
@@ -178,7 +207,7 @@ impl Drop for DoneOnDrop {
 pub struct StepBatcher<'m> {
     model: &'m Model,
     pool: PagePool,
-    storage: KvStorage,
+    shared: Arc<Shared>,
     entries: Vec<Entry<'m>>,
     next_id: SeqId,
     /// Where decoders' caches send their forwards (kept for the decoders' whole lives).
@@ -198,7 +227,10 @@ impl<'m> StepBatcher<'m> {
         Self {
             model,
             pool,
-            storage,
+            shared: Arc::new(Shared {
+                storage: Mutex::new(storage),
+                solo: AtomicBool::new(false),
+            }),
             entries: Vec::new(),
             next_id: 0,
             tx,
@@ -213,13 +245,24 @@ impl<'m> StepBatcher<'m> {
     /// Queues a sequence; it starts (prefill) at the first iteration with room for it. Bad
     /// parameters come back as its [`StepOutput::error`].
     pub fn add(&mut self, prompt: Vec<u32>, params: DecodingParams) -> SeqId {
+        self.add_resuming(prompt, Vec::new(), params)
+    }
+
+    /// [`StepBatcher::add`] for a sequence that already committed `committed` tokens elsewhere
+    /// (moved from another worker): it continues after them.
+    pub fn add_resuming(
+        &mut self,
+        prompt: Vec<u32>,
+        committed: Vec<u32>,
+        params: DecodingParams,
+    ) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.push(Entry {
             id,
             prompt,
             params,
-            committed: Vec::new(),
+            committed,
             stage: Stage::Waiting,
         });
         id
@@ -274,7 +317,7 @@ impl<'m> StepBatcher<'m> {
                 }
             }
         }
-        let (model, pool, storage) = (self.model, &self.pool, &mut self.storage);
+        let (model, pool, shared) = (self.model, &self.pool, &self.shared);
         let (tx, rx) = (&self.tx, &self.rx);
         let mut selected: Vec<(usize, &mut Entry<'m>)> = self
             .entries
@@ -282,6 +325,13 @@ impl<'m> StepBatcher<'m> {
             .enumerate()
             .filter(|(i, _)| chosen.contains(i))
             .collect();
+        if let [(i, entry)] = selected.as_mut_slice() {
+            shared.solo.store(true, Ordering::SeqCst);
+            let outcome = entry.advance(model, pool, shared, tx.clone());
+            shared.solo.store(false, Ordering::SeqCst);
+            outputs.push((*i, outcome));
+            return self.report(outputs);
+        }
         let stepped: Vec<(usize, Outcome)> = std::thread::scope(|scope| {
             let handles: Vec<_> = selected
                 .iter_mut()
@@ -289,11 +339,11 @@ impl<'m> StepBatcher<'m> {
                     let (i, tx) = (*i, tx.clone());
                     scope.spawn(move || {
                         let _done = DoneOnDrop(tx.clone());
-                        (i, entry.advance(model, pool, tx))
+                        (i, entry.advance(model, pool, shared, tx))
                     })
                 })
                 .collect();
-            serve_forwards(model, storage, rx, handles.len());
+            serve_forwards(model, shared, rx, handles.len());
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         });
         outputs.extend(stepped);
@@ -345,12 +395,7 @@ impl<'m> StepBatcher<'m> {
 
 /// Runs the forwards the stepping sequences ask for, in rounds: a round runs once every
 /// sequence still stepping is waiting for its forward.
-fn serve_forwards(
-    model: &Model,
-    storage: &mut KvStorage,
-    rx: &mpsc::Receiver<Message>,
-    mut live: usize,
-) {
+fn serve_forwards(model: &Model, shared: &Shared, rx: &mpsc::Receiver<Message>, mut live: usize) {
     let mut waiting: Vec<ForwardRequest> = Vec::new();
     while live > 0 {
         match rx.recv() {
@@ -359,7 +404,8 @@ fn serve_forwards(
             Err(_) => return,
         }
         if !waiting.is_empty() && waiting.len() == live {
-            run_round(model, storage, std::mem::take(&mut waiting));
+            let mut storage = shared.storage.lock().unwrap_or_else(|p| p.into_inner());
+            run_round(model, &mut storage, std::mem::take(&mut waiting));
         }
     }
 }
