@@ -37,6 +37,31 @@ struct Script {
     block: usize,
 }
 
+/// One paged forward's sequences: each script's tokens from `inputs`, with the (context,
+/// query block, commit) that `plan` gives for it.
+fn batch<'a>(
+    scripts: &[Script],
+    tables: &'a [BlockTable],
+    inputs: &'a [Vec<u32>],
+    plan: impl Fn(&Script) -> (usize, usize, usize),
+) -> Vec<PagedSeq<'a>> {
+    scripts
+        .iter()
+        .zip(tables)
+        .zip(inputs)
+        .map(|((sc, table), tokens)| {
+            let (context, query_block, commit) = plan(sc);
+            PagedSeq {
+                tokens,
+                table,
+                context,
+                query_block,
+                commit,
+            }
+        })
+        .collect()
+}
+
 #[test]
 fn a_ragged_paged_batch_equals_each_sequence_run_alone() {
     let model = shipped_model();
@@ -109,32 +134,14 @@ fn a_ragged_paged_batch_equals_each_sequence_run_alone() {
         }
     };
     // Prefill: each prompt causal, committed.
-    let seqs: Vec<PagedSeq> = scripts
-        .iter()
-        .zip(&tables)
-        .map(|(sc, table)| PagedSeq {
-            tokens: &sc.prompt,
-            table,
-            context: 0,
-            query_block: 1,
-            commit: sc.prompt.len(),
-        })
-        .collect();
+    let prompts: Vec<Vec<u32>> = scripts.iter().map(|sc| sc.prompt.clone()).collect();
+    let seqs = batch(&scripts, &tables, &prompts, |sc| (0, 1, sc.prompt.len()));
     run(&seqs, &mut storage, &mut got);
     // A denoising step of each open block: nothing written.
     let blocks: Vec<Vec<u32>> = scripts.iter().map(|sc| masks(sc.block)).collect();
-    let seqs: Vec<PagedSeq> = scripts
-        .iter()
-        .zip(&tables)
-        .zip(&blocks)
-        .map(|((sc, table), block)| PagedSeq {
-            tokens: block,
-            table,
-            context: sc.prompt.len(),
-            query_block: sc.block,
-            commit: 0,
-        })
-        .collect();
+    let seqs = batch(&scripts, &tables, &blocks, |sc| {
+        (sc.prompt.len(), sc.block, 0)
+    });
     run(&seqs, &mut storage, &mut got);
     // The finished block committed by the next block's first forward.
     let mut inputs = Vec::new();
@@ -145,32 +152,14 @@ fn a_ragged_paged_batch_equals_each_sequence_run_alone() {
         input.extend(masks(sc.block));
         inputs.push(input);
     }
-    let seqs: Vec<PagedSeq> = scripts
-        .iter()
-        .zip(&tables)
-        .zip(&inputs)
-        .map(|((sc, table), input)| PagedSeq {
-            tokens: input,
-            table,
-            context: sc.prompt.len(),
-            query_block: sc.block,
-            commit: sc.block,
-        })
-        .collect();
+    let seqs = batch(&scripts, &tables, &inputs, |sc| {
+        (sc.prompt.len(), sc.block, sc.block)
+    });
     run(&seqs, &mut storage, &mut got);
     // The next block reads the committed block from the pages.
-    let seqs: Vec<PagedSeq> = scripts
-        .iter()
-        .zip(&tables)
-        .zip(&blocks)
-        .map(|((sc, table), block)| PagedSeq {
-            tokens: block,
-            table,
-            context: sc.prompt.len() + sc.block,
-            query_block: sc.block,
-            commit: 0,
-        })
-        .collect();
+    let seqs = batch(&scripts, &tables, &blocks, |sc| {
+        (sc.prompt.len() + sc.block, sc.block, 0)
+    });
     run(&seqs, &mut storage, &mut got);
 
     for (s, (w, g)) in want.iter().zip(&got).enumerate() {

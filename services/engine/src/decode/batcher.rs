@@ -281,16 +281,6 @@ impl<'m> StepBatcher<'m> {
         self.entries.is_empty()
     }
 
-    /// Sequences running (admitted) and waiting.
-    pub fn counts(&self) -> (usize, usize) {
-        let running = self
-            .entries
-            .iter()
-            .filter(|e| matches!(e.stage, Stage::Running(_)))
-            .count();
-        (running, self.entries.len() - running)
-    }
-
     /// One iteration: admits waiting sequences that fit, advances every admitted one by a step
     /// with their forwards batched, and reports what each did.
     pub fn step(&mut self) -> Vec<StepOutput> {

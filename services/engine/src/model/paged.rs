@@ -46,12 +46,8 @@ impl Model {
                 "the KV storage is shaped {shape:?}, not for this model"
             )));
         }
-        let max_pages = seqs
-            .iter()
-            .map(|s| s.table.page_ids().len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let pages: Vec<Vec<_>> = seqs.iter().map(|s| s.table.page_ids()).collect();
+        let max_pages = pages.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let (mut starts, mut contexts, mut blocks) = (vec![0i32], Vec::new(), Vec::new());
         let mut tables = vec![0i32; seqs.len() * max_pages];
         let (mut ids, mut positions, mut commits) = (Vec::new(), Vec::new(), Vec::new());
@@ -69,7 +65,7 @@ impl Model {
                     s.table.len()
                 )));
             }
-            for (j, p) in s.table.page_ids().into_iter().enumerate() {
+            for (j, &p) in pages[i].iter().enumerate() {
                 tables[i * max_pages + j] = p as i32;
             }
             commits.push((ids.len(), s.context, s.commit));
