@@ -26,8 +26,9 @@ pub fn run_level(
     params: &DecodingParams,
     concurrency: usize,
     pool: PagePool,
+    max_batch_tokens: usize,
 ) -> anyhow::Result<Level> {
-    let mut batcher = StepBatcher::new(model, pool);
+    let mut batcher = StepBatcher::new(model, pool).with_max_batch_tokens(max_batch_tokens);
     let mut next = 0;
     let (mut tokens, mut forwards, mut iterations) = (0, 0, 0);
     let start = Instant::now();

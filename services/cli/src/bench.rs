@@ -28,6 +28,9 @@ pub struct Args {
     /// KV cache pages of 16 tokens for the step batcher (--model with --concurrency).
     #[arg(long, default_value_t = 4096)]
     kv_pages: usize,
+    /// Tokens one step-batcher iteration runs at most (--model with --concurrency).
+    #[arg(long, default_value_t = sdlm_engine::decode::DEFAULT_MAX_BATCH_TOKENS, value_parser = crate::cluster::at_least_one)]
+    max_batch_tokens: usize,
     /// JSON lines, each with a "prompt" string.
     #[arg(long)]
     prompts: PathBuf,
@@ -332,12 +335,13 @@ fn batched(args: &Args, model: &Model, ids: &[Vec<u32>], modes: &[Mode]) -> anyh
     const PAGE_TOKENS: usize = 16;
     if !args.json {
         println!(
-            "model {}, {} prompts, max_new_tokens {}, CPU, {} threads, step batcher, {} KV pages of {PAGE_TOKENS} tokens",
+            "model {}, {} prompts, max_new_tokens {}, CPU, {} threads, step batcher, {} KV pages of {PAGE_TOKENS} tokens, max_batch_tokens {}",
             args.model.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
             ids.len(),
             args.max_new_tokens,
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             args.kv_pages,
+            args.max_batch_tokens,
         );
         println!(
             "{:>14} {:>6} {:>11} {:>9} {:>10} {:>8} {:>10}",
@@ -358,7 +362,14 @@ fn batched(args: &Args, model: &Model, ids: &[Vec<u32>], modes: &[Mode]) -> anyh
         let mut levels = Vec::new();
         for &c in &args.concurrency {
             let pool = sdlm_engine::kv::PagePool::new(args.kv_pages, PAGE_TOKENS);
-            levels.push(run_level(model, ids, &params, c, pool)?);
+            levels.push(run_level(
+                model,
+                ids,
+                &params,
+                c,
+                pool,
+                args.max_batch_tokens,
+            )?);
         }
         report(model, PAGE_TOKENS, &levels, args.json);
     }

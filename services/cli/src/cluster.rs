@@ -53,6 +53,14 @@ fn etcd_list(urls: &Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A count flag that must be at least 1 (its error names the limit; clap adds the flag).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("must be a whole number of at least 1, got {s:?}")),
+    }
+}
+
 /// Engine and cache settings of a worker.
 #[derive(clap::Args, Clone)]
 pub struct WorkerTuning {
@@ -65,6 +73,10 @@ pub struct WorkerTuning {
     /// Sequences the engine advances in turn; more wait in its queue.
     #[arg(long, env = "SDLM_MAX_RUNNING", default_value_t = 64)]
     max_running: usize,
+    /// Tokens one engine iteration runs at most; longer prompts are prefilled in chunks, so
+    /// they do not stall the sequences that are decoding.
+    #[arg(long, env = "SDLM_MAX_BATCH_TOKENS", default_value_t = sdlm_engine::decode::DEFAULT_MAX_BATCH_TOKENS, value_parser = crate::cluster::at_least_one)]
+    max_batch_tokens: usize,
     /// On SIGTERM, how long running sequences may finish before they are handed back.
     #[arg(long, env = "SDLM_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -75,6 +87,7 @@ impl WorkerTuning {
         config.kv_cache_bytes = self.kv_cache_bytes;
         config.page_tokens = self.page_tokens;
         config.max_running = self.max_running;
+        config.max_batch_tokens = self.max_batch_tokens;
         config.drain_timeout = Duration::from_secs(self.drain_seconds);
     }
 }

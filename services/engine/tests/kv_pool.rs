@@ -17,7 +17,7 @@ const PAGE_TOKENS: usize = 4;
 fn references(tables: &[BlockTable]) -> HashMap<PageId, u32> {
     let mut refs = HashMap::new();
     for t in tables {
-        for p in t.page_ids() {
+        for &p in t.page_ids() {
             *refs.entry(p).or_insert(0) += 1;
         }
     }
@@ -138,7 +138,7 @@ fn a_second_prompt_with_the_same_beginning_holds_the_same_pages() {
     longer.extend([50, 51, 52]);
     let second = BlockTable::reusing_prefix(&pool, &longer);
     assert_eq!(second.len(), 8);
-    assert_eq!(second.page_ids(), first.page_ids()[..2]);
+    assert_eq!(second.page_ids(), &first.page_ids()[..2]);
     assert_eq!(pool.holders(first.page_ids()[0]), 2);
     // A prompt that differs in its first page shares nothing, even where later tokens match.
     let mut other = prompt.clone();

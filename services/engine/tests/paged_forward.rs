@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use sdlm_engine::kv::{BlockTable, KvStorage, PagePool};
-use sdlm_engine::{open_model, Device, KvCache, Model, PagedSeq, Tensor};
+use sdlm_engine::{open_model, Device, KvCache, LogitRows, Model, PagedSeq, Tensor};
 
 fn shipped_model() -> Model {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code");
@@ -53,10 +53,11 @@ fn batch<'a>(
             let (context, query_block, commit) = plan(sc);
             PagedSeq {
                 tokens,
-                table,
+                table: table.view(),
                 context,
                 query_block,
                 commit,
+                logits: LogitRows::All,
             }
         })
         .collect()
@@ -184,10 +185,11 @@ fn a_prompt_whose_beginning_is_cached_gives_the_logits_of_a_cold_run() {
     let prefill = |table: &BlockTable, tokens: &[u32], context: usize, storage: &mut KvStorage| {
         let seq = PagedSeq {
             tokens,
-            table,
+            table: table.view(),
             context,
             query_block: 1,
             commit: tokens.len(),
+            logits: LogitRows::All,
         };
         model.forward_paged(&[seq], storage).unwrap()
     };
@@ -200,7 +202,7 @@ fn a_prompt_whose_beginning_is_cached_gives_the_logits_of_a_cold_run() {
         reused, 20,
         "five full pages of the 23-token prompt are cached"
     );
-    assert_eq!(warm.page_ids(), cold.page_ids()[..5]);
+    assert_eq!(warm.page_ids(), &cold.page_ids()[..5]);
     warm.commit(&pool, &prompt[reused..]).unwrap();
     let warm_logits = prefill(&warm, &prompt[reused..], reused, &mut storage);
     let cold_tail = cold_logits

@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 /// Every metric a process exposes, as Prometheus names.
-pub const METRIC_NAMES: [&str; 13] = [
+pub const METRIC_NAMES: [&str; 17] = [
     "sdlm_requests_total",
     "sdlm_request_duration_seconds",
     "sdlm_time_to_first_block_seconds",
@@ -24,6 +24,10 @@ pub const METRIC_NAMES: [&str; 13] = [
     "sdlm_kv_pages_total",
     "sdlm_sequence_migrations_total",
     "sdlm_batch_size",
+    "sdlm_kv_prefix_lookups_total",
+    "sdlm_kv_prefix_hits_total",
+    "sdlm_kv_prefix_evictions_total",
+    "sdlm_preemptions_total",
 ];
 
 pub struct Metrics {
@@ -41,6 +45,10 @@ pub struct Metrics {
     pub kv_pages_total: IntGauge,
     pub sequence_migrations_total: IntCounter,
     pub batch_size: Histogram,
+    pub kv_prefix_lookups_total: IntCounter,
+    pub kv_prefix_hits_total: IntCounter,
+    pub kv_prefix_evictions_total: IntCounter,
+    pub preemptions_total: IntCounter,
 }
 
 /// The process's metrics, created on first use.
@@ -51,6 +59,10 @@ pub fn metrics() -> &'static Metrics {
 
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace("sdlm")
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::with_opts(opts(name, help)).expect("constant metric")
 }
 
 fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> HistogramOpts {
@@ -138,6 +150,22 @@ impl Metrics {
                 vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
             ))
             .expect("constant metric"),
+            kv_prefix_lookups_total: counter(
+                "kv_prefix_lookups_total",
+                "Full prompt pages looked up in the KV prefix cache",
+            ),
+            kv_prefix_hits_total: counter(
+                "kv_prefix_hits_total",
+                "Prompt pages found in the KV prefix cache (not recomputed)",
+            ),
+            kv_prefix_evictions_total: counter(
+                "kv_prefix_evictions_total",
+                "Cached prefix pages evicted to make room",
+            ),
+            preemptions_total: counter(
+                "preemptions_total",
+                "Sequences preempted for KV pages (recomputed later)",
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.requests_total.clone()),
@@ -153,6 +181,10 @@ impl Metrics {
             Box::new(m.kv_pages_total.clone()),
             Box::new(m.sequence_migrations_total.clone()),
             Box::new(m.batch_size.clone()),
+            Box::new(m.kv_prefix_lookups_total.clone()),
+            Box::new(m.kv_prefix_hits_total.clone()),
+            Box::new(m.kv_prefix_evictions_total.clone()),
+            Box::new(m.preemptions_total.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are distinct");

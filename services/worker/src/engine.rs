@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use sdlm_engine::decode::{DecodeStats, DecodingParams, SeqId, StepBatcher, StepOutput};
-use sdlm_engine::kv::PagePool;
+use sdlm_engine::kv::{PagePool, PrefixStats};
 use sdlm_engine::{EngineError, Model};
 use sdlm_proto::v1::SequenceEvent;
 use tokio::sync::mpsc::UnboundedSender;
@@ -53,6 +53,15 @@ pub struct EngineState {
     pub hand_back: AtomicBool,
 }
 
+/// The engine thread's sizes.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineLimits {
+    pub max_running: usize,
+    pub kv_pages: usize,
+    pub page_tokens: usize,
+    pub max_batch_tokens: usize,
+}
+
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
     pub state: Arc<EngineState>,
@@ -61,23 +70,25 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine thread over a KV cache of `kv_pages` pages of `page_tokens` tokens; at
-    /// most `max_running` sequences advance at once, the rest wait.
-    pub fn start(
-        model: Model,
-        worker_id: String,
-        max_running: usize,
-        kv_pages: usize,
-        page_tokens: usize,
-    ) -> Self {
+    /// most `max_running` sequences advance at once, the rest wait; an iteration runs at most
+    /// `max_batch_tokens` tokens (long prompts are prefilled in chunks).
+    pub fn start(model: Model, worker_id: String, limits: EngineLimits) -> Self {
         let (jobs, rx) = mpsc::channel();
         let state = Arc::new(EngineState::default());
         let shared = Arc::clone(&state);
         let thread = std::thread::Builder::new()
             .name("sdlm-engine".into())
             .spawn(move || {
-                let pool = PagePool::new(kv_pages, page_tokens);
-                let mut batcher = StepBatcher::new(&model, pool);
-                run_loop(&mut batcher, &worker_id, max_running.max(1), &rx, &shared)
+                let pool = PagePool::new(limits.kv_pages, limits.page_tokens);
+                let mut batcher =
+                    StepBatcher::new(&model, pool).with_max_batch_tokens(limits.max_batch_tokens);
+                run_loop(
+                    &mut batcher,
+                    &worker_id,
+                    limits.max_running.max(1),
+                    &rx,
+                    &shared,
+                )
             })
             .ok();
         Self {
@@ -129,6 +140,7 @@ fn run_loop(
 ) {
     let metrics = sdlm_runtime::metrics();
     let mut running: HashMap<SeqId, Running> = HashMap::new();
+    let mut prefix = PrefixStats::default();
     loop {
         // Block for work when idle; otherwise take whatever has arrived, up to the limit.
         if running.is_empty() {
@@ -184,8 +196,13 @@ fn run_loop(
             }
         }
         let mut ended = Vec::new();
-        for out in batcher.step() {
+        let outputs = batcher.step();
+        prefix = count_prefix_cache(batcher.pool().prefix_stats(), prefix);
+        for out in outputs {
             let id = out.id;
+            if out.preempted {
+                metrics.preemptions_total.inc();
+            }
             if let Some(r) = running.get_mut(&id) {
                 if let Some(status) = deliver(r, out, worker_id) {
                     r.job.done(&status);
@@ -198,6 +215,18 @@ fn run_loop(
             leave(state);
         }
     }
+}
+
+/// Adds what the prefix cache counted since `before` to the metrics; returns the new counts.
+fn count_prefix_cache(now: PrefixStats, before: PrefixStats) -> PrefixStats {
+    let m = sdlm_runtime::metrics();
+    m.kv_prefix_lookups_total
+        .inc_by(now.lookups.saturating_sub(before.lookups));
+    m.kv_prefix_hits_total
+        .inc_by(now.hits.saturating_sub(before.hits));
+    m.kv_prefix_evictions_total
+        .inc_by(now.evictions.saturating_sub(before.evictions));
+    now
 }
 
 /// A sequence left the engine.

@@ -56,6 +56,8 @@ pub struct WorkerConfig {
     pub page_tokens: usize,
     /// Sequences advanced in turn by the engine; more wait in its queue.
     pub max_running: usize,
+    /// Tokens one engine iteration runs at most; longer prompts are prefilled in chunks.
+    pub max_batch_tokens: usize,
     /// How long a draining worker lets running sequences finish before handing them back.
     pub drain_timeout: Duration,
 }
@@ -73,6 +75,7 @@ impl WorkerConfig {
             kv_cache_bytes: None,
             page_tokens: DEFAULT_PAGE_TOKENS,
             max_running: 64,
+            max_batch_tokens: sdlm_engine::decode::DEFAULT_MAX_BATCH_TOKENS,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -127,9 +130,12 @@ pub async fn start(
     let engine = Arc::new(engine::Engine::start(
         model,
         id.clone(),
-        config.max_running,
-        pages.total(),
-        config.page_tokens,
+        engine::EngineLimits {
+            max_running: config.max_running,
+            kv_pages: pages.total(),
+            page_tokens: config.page_tokens,
+            max_batch_tokens: config.max_batch_tokens,
+        },
     ));
     let draining = Arc::new(AtomicBool::new(false));
     let service = service::WorkerService {

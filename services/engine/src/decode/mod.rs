@@ -10,7 +10,7 @@ mod params;
 mod sampling;
 
 pub use autoregressive::AutoregressiveDecoder;
-pub use batcher::{SeqId, StepBatcher, StepOutput};
+pub use batcher::{SeqId, StepBatcher, StepOutput, DEFAULT_MAX_BATCH_TOKENS};
 pub use diffusion::DiffusionDecoder;
 pub use params::{DecodingParams, Mode, ModelLimits, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use sampling::{softmax, Pick, Sampler};
@@ -48,6 +48,9 @@ pub struct DecodeStats {
     pub steps: usize,
     pub blocks: usize,
     pub edits: usize,
+    /// Prompt tokens found in the paged cache's prefix cache (shared with an earlier sequence),
+    /// so they were not run; set by the step batcher.
+    pub cached_prompt_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
 }
@@ -173,15 +176,25 @@ pub(crate) fn stop_ids(model: &Model, params: &DecodingParams) -> Vec<u32> {
     ids
 }
 
-/// Runs the prompt as one causal prefix into an empty cache; returns the logits of the prompt's
-/// last position (what an AR step or a shifted block reads first), and the counters.
+/// Runs the prompt as one causal prefix into the cache (after the part it already holds);
+/// returns the logits of the prompt's last position (what an AR step or a shifted block reads
+/// first), and the counters.
 pub(crate) fn prefill(
     model: &Model,
     prompt: &[u32],
     cache: &mut dyn SequenceCache,
 ) -> Result<(Vec<f32>, DecodeStats)> {
     let start = std::time::Instant::now();
-    let logits = cache.forward(model, prompt, 1, prompt.len())?;
+    let held = cache.held();
+    if held >= prompt.len() {
+        // The last prompt token must run: its logits are what decoding starts from.
+        return Err(EngineError::Input(format!(
+            "the cache holds {held} tokens of a {}-token prompt; at most {} may be cached",
+            prompt.len(),
+            prompt.len().saturating_sub(1)
+        )));
+    }
+    let logits = cache.prefill(model, &prompt[held..])?;
     let last_logits = rows(&logits)?.pop().unwrap_or_default();
     let stats = DecodeStats {
         prefill_forwards: 1,

@@ -32,9 +32,29 @@ const ROOT: u64 = 0x5344_4c4d_4b56_0001;
 #[derive(Clone, Debug, Default)]
 pub struct BlockTable {
     pages: Vec<PageRef>,
+    /// The pages' ids, kept beside the references so that a forward can borrow them (or a
+    /// step batcher copy them) without touching the pool's lock.
+    ids: Vec<PageId>,
     tokens: Vec<u32>,
     /// Chain hash of each full page.
     hashes: Vec<u64>,
+}
+
+/// What a forward reads of a block table: its pages in order and how many tokens they hold.
+#[derive(Clone, Copy, Debug)]
+pub struct TableView<'a> {
+    pub pages: &'a [PageId],
+    pub len: usize,
+}
+
+impl TableView<'_> {
+    /// Where token `i` lives: its page and the offset in it.
+    pub fn slot(&self, i: usize, page_tokens: usize) -> Option<(PageId, usize)> {
+        if i >= self.len {
+            return None;
+        }
+        Some((*self.pages.get(i / page_tokens)?, i % page_tokens))
+    }
 }
 
 impl BlockTable {
@@ -54,6 +74,7 @@ impl BlockTable {
             let Some(page) = pool.lookup(hash, chunk) else {
                 break;
             };
+            table.ids.push(page.id());
             table.pages.push(page);
             table.tokens.extend_from_slice(chunk);
             table.hashes.push(hash);
@@ -84,6 +105,7 @@ impl BlockTable {
                 }
             }
         }
+        self.ids.extend(fresh.iter().map(PageRef::id));
         self.pages.extend(fresh);
         let before = self.tokens.len();
         self.tokens.extend_from_slice(tokens);
@@ -109,12 +131,19 @@ impl BlockTable {
         &self.tokens
     }
 
-    pub fn page_ids(&self) -> Vec<PageId> {
-        self.pages.iter().map(PageRef::id).collect()
+    pub fn page_ids(&self) -> &[PageId] {
+        &self.ids
+    }
+
+    pub fn view(&self) -> TableView<'_> {
+        TableView {
+            pages: &self.ids,
+            len: self.tokens.len(),
+        }
     }
 
     /// Where token `i` lives: its page and the offset in it.
     pub fn slot(&self, i: usize, page_tokens: usize) -> Option<(PageId, usize)> {
-        (i < self.tokens.len()).then(|| (self.pages[i / page_tokens].id(), i % page_tokens))
+        self.view().slot(i, page_tokens)
     }
 }

@@ -2,7 +2,7 @@
 //! full committed pages keyed by chain hash, a block table per sequence, the pages' K/V storage,
 //! and paged attention over a ragged batch on the CPU. Pages are the unit of admission (a worker
 //! admits a sequence when its pages fit) and of sharing (sequences with a common prompt prefix
-//! hold the same pages). The step batcher that runs the model over this cache is the next step.
+//! hold the same pages). The step batcher (`decode::StepBatcher`) runs the model over it.
 
 mod attention;
 mod block_table;
@@ -10,6 +10,6 @@ mod pool;
 mod storage;
 
 pub use attention::paged_attention;
-pub use block_table::{chain_hash, BlockTable, OutOfPages};
+pub use block_table::{chain_hash, BlockTable, OutOfPages, TableView};
 pub use pool::{PageId, PagePool, PageRef, PrefixStats};
 pub use storage::KvStorage;

@@ -4,7 +4,7 @@
 
 use sdlm_kernels::{AttentionShape, KernelError};
 
-use super::block_table::BlockTable;
+use super::block_table::TableView;
 
 pub struct KvStorage {
     shape: AttentionShape,
@@ -42,7 +42,7 @@ impl KvStorage {
     pub fn write(
         &mut self,
         layer: usize,
-        table: &BlockTable,
+        table: TableView<'_>,
         start: usize,
         k: &[f32],
         v: &[f32],
@@ -58,7 +58,7 @@ impl KvStorage {
                         .ok_or_else(|| KernelError::OutOfRange {
                             field: "start",
                             value: i as i64,
-                            limit: format!("the table holds {} committed tokens", table.len()),
+                            limit: format!("the table holds {} committed tokens", table.len),
                         })?;
                 Ok((page as usize * page_tokens + offset) as i32)
             })
@@ -84,7 +84,7 @@ impl KvStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::PagePool;
+    use crate::kv::{BlockTable, PagePool};
 
     #[test]
     fn rows_land_in_the_pages_of_the_table_and_nowhere_else() {
@@ -101,7 +101,7 @@ mod tests {
         let mut storage = KvStorage::new(2, pool.total(), shape);
         let k: Vec<f32> = (0..6 * 8).map(|x| x as f32).collect();
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
-        storage.write(1, &table, 0, &k, &v).unwrap();
+        storage.write(1, table.view(), 0, &k, &v).unwrap();
         let (kp, vp) = storage.layer(1);
         for i in 0..6 {
             let (page, offset) = table.slot(i, 4).unwrap();
@@ -117,7 +117,9 @@ mod tests {
         );
         assert!(storage.layer(0).0.iter().all(|&x| x == 0.0));
         // Tokens not committed to the table are refused, naming the argument.
-        let err = storage.write(0, &table, 5, &k[..16], &v[..16]).unwrap_err();
+        let err = storage
+            .write(0, table.view(), 5, &k[..16], &v[..16])
+            .unwrap_err();
         assert!(err.to_string().contains("start"), "{err}");
     }
 }

@@ -37,6 +37,13 @@ impl KvCache {
 /// Where a decoder's forwards run: its own dense cache (one sequence at a time), or a step
 /// batcher that runs the forwards of many sequences as one over the paged cache.
 pub trait SequenceCache: Send {
+    /// Leading tokens of the sequence whose K/V the cache already holds before its first
+    /// forward: a prompt prefix shared with an earlier sequence, or prompt chunks the step
+    /// batcher ran in earlier iterations. The decoder's prefill runs only the rest.
+    fn held(&self) -> usize {
+        0
+    }
+
     /// Logits `[n, vocab]` for the next n tokens of the sequence (at positions after the
     /// committed ones, seeing all of them, and each other by the query-block rule); the first
     /// `commit` of them join the cache.
@@ -47,6 +54,14 @@ pub trait SequenceCache: Send {
         query_block: usize,
         commit: usize,
     ) -> crate::error::Result<Tensor>;
+
+    /// A prefill: `tokens` run causally and all join the cache; only the last one's logits
+    /// (`[1, vocab]`) come back, which lets a cache skip the LM head for the others.
+    fn prefill(&mut self, model: &super::Model, tokens: &[u32]) -> crate::error::Result<Tensor> {
+        let n = tokens.len();
+        let logits = self.forward(model, tokens, 1, n)?;
+        Ok(logits.narrow(0, n.saturating_sub(1), 1)?)
+    }
 }
 
 impl SequenceCache for KvCache {

@@ -228,7 +228,7 @@ pub(super) struct PagedStep<'a> {
     /// Per sequence: its first token in the batch, its context (tokens already in the cache) and
     /// how many of its new tokens to write into the cache after this forward.
     pub commits: &'a [(usize, usize, usize)],
-    pub tables: &'a [&'a crate::kv::BlockTable],
+    pub tables: &'a [crate::kv::TableView<'a>],
 }
 
 impl Attention {

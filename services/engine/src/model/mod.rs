@@ -20,7 +20,7 @@ use layers::{DecoderLayer, Ops, Rotary};
 use source::{Proj, Safetensors, WeightSource};
 
 pub use cache::{KvCache, SequenceCache};
-pub use paged::PagedSeq;
+pub use paged::{LogitRows, PagedSeq};
 
 pub struct Model {
     embed_tokens: Embedding,

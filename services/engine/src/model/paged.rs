@@ -9,7 +9,7 @@ use sdlm_kernels::{AttentionShape, RaggedBatch};
 use super::layers::{self, Ops, PagedStep};
 use super::Model;
 use crate::error::{EngineError, Result};
-use crate::kv::{BlockTable, KvStorage};
+use crate::kv::{KvStorage, TableView};
 
 /// One sequence's part of a paged forward.
 #[derive(Clone, Copy, Debug)]
@@ -18,12 +18,35 @@ pub struct PagedSeq<'a> {
     pub tokens: &'a [u32],
     /// The sequence's pages. Its first `context` tokens are in the cache; when `commit` > 0,
     /// the table already holds the new tokens to commit (pages allocated by the caller).
-    pub table: &'a BlockTable,
+    pub table: TableView<'a>,
     pub context: usize,
     /// The mask rule among the new tokens: i sees j iff j / query_block <= i / query_block.
     pub query_block: usize,
     /// How many of the new tokens (from the first) to write into the cache.
     pub commit: usize,
+    /// Which of the new tokens' logits to return.
+    pub logits: LogitRows,
+}
+
+/// Which of a sequence's new tokens a paged forward returns logits for. A prefill needs only
+/// its last token's, a prompt chunk none: skipping the LM head for the rest saves its
+/// `hidden × vocab` multiply-adds per token, a large share of a small model's forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    All,
+    Last,
+    None,
+}
+
+impl LogitRows {
+    /// The rows (of `n` new tokens) whose logits are returned.
+    pub(crate) fn range(self, n: usize) -> std::ops::Range<usize> {
+        match self {
+            LogitRows::All => 0..n,
+            LogitRows::Last => n.saturating_sub(1)..n,
+            LogitRows::None => n..n,
+        }
+    }
 }
 
 impl Model {
@@ -37,8 +60,9 @@ impl Model {
         }
     }
 
-    /// Logits `[tokens, vocab]` for every new token of every sequence, in order; the first
-    /// `commit` new tokens of each sequence have their keys and values written to `storage`.
+    /// Logits `[rows, vocab]` for the new tokens each sequence asks for (its [`LogitRows`]), in
+    /// order; the first `commit` new tokens of each sequence have their keys and values written
+    /// to `storage`.
     pub fn forward_paged(&self, seqs: &[PagedSeq<'_>], storage: &mut KvStorage) -> Result<Tensor> {
         let shape = *storage.shape();
         if shape != self.attention_shape(shape.page_size) {
@@ -46,36 +70,38 @@ impl Model {
                 "the KV storage is shaped {shape:?}, not for this model"
             )));
         }
-        let pages: Vec<Vec<_>> = seqs.iter().map(|s| s.table.page_ids()).collect();
-        let max_pages = pages.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let max_pages = seqs
+            .iter()
+            .map(|s| s.table.pages.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let (mut starts, mut contexts, mut blocks) = (vec![0i32], Vec::new(), Vec::new());
         let mut tables = vec![0i32; seqs.len() * max_pages];
         let (mut ids, mut positions, mut commits) = (Vec::new(), Vec::new(), Vec::new());
+        let mut wanted: Vec<u32> = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
             let n = s.tokens.len();
-            if n == 0 || s.commit > n || s.context + s.commit > s.table.len() || s.query_block == 0
-            {
+            if n == 0 || s.commit > n || s.context + s.commit > s.table.len || s.query_block == 0 {
                 return Err(EngineError::Input(format!(
                     "sequence {i}: {n} tokens, commit {}, context {}, query_block {}, table of {} \
                      tokens (needs tokens >= 1, commit <= tokens, context + commit <= table, \
                      query_block >= 1)",
-                    s.commit,
-                    s.context,
-                    s.query_block,
-                    s.table.len()
+                    s.commit, s.context, s.query_block, s.table.len
                 )));
             }
-            for (j, &p) in pages[i].iter().enumerate() {
+            for (j, &p) in s.table.pages.iter().enumerate() {
                 tables[i * max_pages + j] = p as i32;
             }
             commits.push((ids.len(), s.context, s.commit));
+            wanted.extend(s.logits.range(n).map(|r| (ids.len() + r) as u32));
             ids.extend_from_slice(s.tokens);
             positions.extend((s.context..s.context + n).map(|p| p as u32));
             starts.push(ids.len() as i32);
             contexts.push(s.context as i32);
             blocks.push(s.query_block as i32);
         }
-        let refs: Vec<&BlockTable> = seqs.iter().map(|s| s.table).collect();
+        let views: Vec<TableView<'_>> = seqs.iter().map(|s| s.table).collect();
         let step = PagedStep {
             batch: RaggedBatch {
                 query_starts: &starts,
@@ -86,13 +112,24 @@ impl Model {
             },
             shape,
             commits: &commits,
-            tables: &refs,
+            tables: &views,
         };
         let (cos, sin) = self.rotary.at(&positions)?;
         let input = Tensor::new(ids.as_slice(), self.device())?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&input)?;
         for (layer, block) in self.layers.iter().enumerate() {
             x = block.forward_paged(&x, &cos, &sin, &step, storage, layer)?;
+        }
+        if wanted.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.config.vocab_size),
+                DType::F32,
+                self.device(),
+            )?);
+        }
+        if wanted.len() < ids.len() {
+            let rows = Tensor::new(wanted.as_slice(), self.device())?;
+            x = x.index_select(&rows, 1)?;
         }
         let x = layers::rms_norm(&self.norm, &x, Ops::Fast)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?.squeeze(0)?)
