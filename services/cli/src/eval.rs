@@ -6,7 +6,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -134,8 +135,9 @@ pub fn run(suite: Suite) -> anyhow::Result<()> {
     if let Some(dir) = out_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut out = std::fs::File::create(&out_path)
+    let out = std::fs::File::create(&out_path)
         .with_context(|| format!("creating {}", out_path.display()))?;
+    let out = Arc::new(Mutex::new(out));
     eprintln!(
         "{} {} jobs over {} problems; sandbox: {}",
         suite,
@@ -148,20 +150,15 @@ pub fn run(suite: Suite) -> anyhow::Result<()> {
     let start = Instant::now();
     let judged = crate::cluster::runtime()?.block_on(async {
         let completer = Completer::start(&args.source).await?;
-        run_jobs(
-            &completer,
-            jobs,
-            &problems,
-            &sandbox,
-            params,
-            args.concurrency,
-        )
-        .await
+        let run = Run {
+            problems: &problems,
+            sandbox: &sandbox,
+            out: &out,
+            total: jobs.len(),
+        };
+        run_jobs(&completer, jobs, &run, params, args.concurrency).await
     })?;
     let seconds = start.elapsed().as_secs_f64();
-    for j in &judged {
-        writeln!(out, "{}", j.record)?;
-    }
     report(
         &args, suite, &problems, &judged, seconds, &out_path, &sandbox,
     )
@@ -199,29 +196,48 @@ fn wire_params(args: &Args) -> WireParams {
     }
 }
 
+/// What every job of a run shares.
+struct Run<'a> {
+    problems: &'a Arc<Vec<Problem>>,
+    sandbox: &'a Arc<Sandbox>,
+    /// The samples file: each judged sample is appended as it finishes.
+    out: &'a Arc<Mutex<std::fs::File>>,
+    total: usize,
+}
+
 async fn run_jobs(
     completer: &Completer,
     jobs: Vec<Job>,
-    problems: &Arc<Vec<Problem>>,
-    sandbox: &Arc<Sandbox>,
+    run: &Run<'_>,
     params: WireParams,
     concurrency: usize,
 ) -> anyhow::Result<Vec<Judged>> {
     let limit = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for job in jobs {
         let permit = Arc::clone(&limit).acquire_owned().await?;
         let (mut client, problems, sandbox) = (
             completer.client(),
-            Arc::clone(problems),
-            Arc::clone(sandbox),
+            Arc::clone(run.problems),
+            Arc::clone(run.sandbox),
         );
+        let (out, done, total) = (Arc::clone(run.out), Arc::clone(&done), run.total);
         let mut params = params.clone();
         params.seed = Some(job.sample as u64);
         tasks.push(tokio::spawn(async move {
-            let judged = judge(&mut client, job, problems, sandbox, params).await;
+            let judged = judge(&mut client, job, problems, sandbox, params).await?;
             drop(permit);
-            judged
+            let mut file = out
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the samples file's lock is poisoned"))?;
+            writeln!(file, "{}", judged.record)?;
+            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+            eprintln!(
+                "{n}/{total} {} {}",
+                judged.record["task_id"], judged.record["verdict"]
+            );
+            anyhow::Ok(judged)
         }));
     }
     let mut judged = Vec::new();
