@@ -285,16 +285,6 @@ impl<'m> StepBatcher<'m> {
         self.entries.is_empty()
     }
 
-    /// Sequences admitted (prefilling or decoding) and sequences waiting for room.
-    pub fn counts(&self) -> (usize, usize) {
-        let waiting = self
-            .entries
-            .iter()
-            .filter(|e| matches!(e.stage, Stage::Waiting))
-            .count();
-        (self.entries.len() - waiting, waiting)
-    }
-
     /// One iteration: makes room, admits waiting sequences that fit, advances every admitted
     /// one by a step or a prompt chunk with their forwards batched, and reports what each did.
     pub fn step(&mut self) -> Vec<StepOutput> {
