@@ -147,18 +147,20 @@ pub fn run(suite: Suite) -> anyhow::Result<()> {
     );
     let params = wire_params(&args);
     let problems = Arc::new(problems);
-    let start = Instant::now();
     let judged = crate::cluster::runtime()?.block_on(async {
         let completer = Completer::start(&args.source).await?;
+        // Throughput counts from here: loading the model is not generation.
+        let start = Instant::now();
         let run = Run {
             problems: &problems,
             sandbox: &sandbox,
             out: &out,
             total: jobs.len(),
         };
-        run_jobs(&completer, jobs, &run, params, args.concurrency).await
+        let judged = run_jobs(&completer, jobs, &run, params, args.concurrency).await?;
+        anyhow::Ok((judged, start.elapsed().as_secs_f64()))
     })?;
-    let seconds = start.elapsed().as_secs_f64();
+    let (judged, seconds) = judged;
     report(
         &args, suite, &problems, &judged, seconds, &out_path, &sandbox,
     )
@@ -255,23 +257,51 @@ async fn judge(
     mut params: WireParams,
 ) -> anyhow::Result<Judged> {
     let problem = &problems[job.problem];
-    let (completion, program, shown, span) = match &job.kind {
+    let span = match &job.kind {
+        Kind::Complete => None,
+        Kind::Infill(task) => Some(task.span),
+    };
+    let answer = match &job.kind {
         Kind::Complete => {
             params.stop = humaneval::STOP_SEQUENCES
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-            let c = completer::generate(client, problem.prompt.clone(), params).await?;
-            let body = humaneval::truncate(&c.text).to_string();
-            let program = humaneval::program(problem, &body);
-            (c, program, body, None)
+            completer::generate(client, problem.prompt.clone(), params).await
         }
         Kind::Infill(task) => {
-            let c =
-                completer::infill(client, task.prefix.clone(), task.suffix.clone(), params).await?;
-            let middle = infill::middle(task.span, &c.text);
-            let program = infill::program(problem, task, &middle);
-            (c, program, middle, Some(task.span))
+            completer::infill(client, task.prefix.clone(), task.suffix.clone(), params).await
+        }
+    };
+    // A request that fails is that sample's result (it counts as not passing), not the run's end.
+    let completion = match answer {
+        Ok(c) => c,
+        Err(status) => {
+            return Ok(Judged {
+                problem: job.problem,
+                span,
+                passed: false,
+                tokens: 0,
+                forwards: 0,
+                record: serde_json::json!({
+                    "task_id": problem.task_id,
+                    "sample": job.sample,
+                    "span": span,
+                    "verdict": "error",
+                    "passed": false,
+                    "error": format!("{:?}: {}", status.code(), status.message()),
+                }),
+            })
+        }
+    };
+    let (program, shown) = match &job.kind {
+        Kind::Complete => {
+            let body = humaneval::truncate(&completion.text).to_string();
+            (humaneval::program(problem, &body), body)
+        }
+        Kind::Infill(task) => {
+            let middle = infill::middle(task.span, &completion.text);
+            (infill::program(problem, task, &middle), middle)
         }
     };
     let outcome = tokio::task::spawn_blocking(move || sandbox.run_python(&program)).await??;

@@ -144,6 +144,7 @@ fn run_loop(
     loop {
         // Block for work when idle; otherwise take whatever has arrived, up to the limit.
         if running.is_empty() {
+            batcher.release_finished();
             match jobs.recv() {
                 Ok(job) => admit(batcher, job, state, &mut running),
                 Err(_) => return,

@@ -285,10 +285,17 @@ impl<'m> StepBatcher<'m> {
         self.entries.is_empty()
     }
 
+    /// Drops the sequences that ended (their decoders, buffers and pages): done at the start of
+    /// each iteration anyway; a caller with nothing to run calls it while it waits, so that the
+    /// next request does not pay for the last one's clean-up.
+    pub fn release_finished(&mut self) {
+        self.retired.clear();
+    }
+
     /// One iteration: makes room, admits waiting sequences that fit, advances every admitted
     /// one by a step or a prompt chunk with their forwards batched, and reports what each did.
     pub fn step(&mut self) -> Vec<StepOutput> {
-        self.retired.clear();
+        self.release_finished();
         let mut outcomes = self.preempt_for_room();
         let plan = self.plan(&mut outcomes);
         outcomes.extend(self.run(plan));
