@@ -224,7 +224,10 @@ impl Sandbox {
         let text = |h: Option<std::thread::JoinHandle<String>>| {
             h.and_then(|h| h.join().ok()).unwrap_or_default()
         };
-        let verdict = match (timed_out, status.success()) {
+        // Out of CPU seconds is a timeout too: SIGXCPU at the soft limit, SIGKILL at the hard
+        // one (whichever of the CPU and wall clocks runs out first depends on the load).
+        let cpu_exhausted = matches!(status.signal(), Some(libc::SIGXCPU | libc::SIGKILL));
+        let verdict = match (timed_out || cpu_exhausted, status.success()) {
             (true, _) => Verdict::TimedOut,
             (false, true) => Verdict::Passed,
             (false, false) => Verdict::Failed,
