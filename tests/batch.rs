@@ -32,20 +32,7 @@ fn batch(addr: &str, input: &std::path::Path, output: &std::path::Path) -> Comma
 async fn a_killed_and_restarted_batch_gives_exactly_one_result_per_id() {
     let _serial = serial().await;
     let dir = TempDir::new("batch");
-    let model = model_dir();
-    let (_serve, addr, _) = Proc::sdlm(
-        "serve",
-        &[
-            "serve",
-            "--model",
-            model.to_str().expect("utf-8 path"),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &dir.0,
-    );
+    let (_serve, addr, _) = serve_bundled(&dir, &[]);
     let input = dir.0.join("prompts.jsonl");
     let output = dir.0.join("results.jsonl");
     let mut lines: Vec<String> = (0..30)

@@ -13,18 +13,7 @@ const PROMPTS: [&str; 3] = [
 ];
 
 fn serve(dir: &TempDir, extra: &[&str]) -> (Proc, String, String) {
-    let model = model_dir();
-    let mut args = vec![
-        "serve",
-        "--model",
-        model.to_str().expect("utf-8 path"),
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    let (p, grpc, metrics) = Proc::sdlm("serve", &args, &dir.0);
+    let (p, grpc, metrics) = serve_bundled(dir, extra);
     (p, grpc, metrics.expect("serve prints its metrics address"))
 }
 

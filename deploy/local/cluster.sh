@@ -115,6 +115,13 @@ YAML
     sleep 0.1
   done
   [[ ${live:-0} -ge $workers ]] || { echo "the scheduler sees ${live:-0} of $workers workers; see $dir" >&2; exit 1; }
+  # And when the gateway follows the elected scheduler (it polls etcd every half second).
+  for _ in $(seq 600); do
+    grep -q 'following the scheduler leader.*Some' "$dir/gateway.log" && break
+    sleep 0.1
+  done
+  grep -q 'following the scheduler leader.*Some' "$dir/gateway.log" ||
+    { echo "the gateway found no scheduler leader; see $dir" >&2; exit 1; }
   echo "gRPC on 127.0.0.1:$gateway, Prometheus on http://127.0.0.1:$prometheus_port, $workers workers, logs in $dir"
 }
 

@@ -174,6 +174,23 @@ fn field_after(line: &str, marker: &str) -> Option<String> {
     )
 }
 
+/// `sdlm serve` of the bundled model on loopback ports chosen by the system, with `extra`
+/// flags; the process, its gRPC address and its metrics address.
+pub fn serve_bundled(dir: &TempDir, extra: &[&str]) -> (Proc, String, Option<String>) {
+    let model = model_dir();
+    let mut args = vec![
+        "serve",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Proc::sdlm("serve", &args, &dir.0)
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -441,6 +441,9 @@ pub fn follow_leader(endpoints: Vec<String>) -> (watch::Receiver<Option<String>>
                             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
                         tx.send_if_modified(|old| {
                             let changed = *old != leader;
+                            if changed {
+                                tracing::info!(leader = ?leader, "following the scheduler leader");
+                            }
                             *old = leader.clone();
                             changed
                         });
