@@ -97,6 +97,9 @@ def check_values_set(label, objects, gpu, keda, policies, service_monitor):
         c = obj["spec"]["template"]["spec"]["containers"][0]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             check("grpc" in c.get(probe, {}), f"{label}: {name} {probe} is not gRPC health")
+        if name == "sdlm-gateway":
+            ready = c.get("readinessProbe", {}).get("grpc", {}).get("service")
+            check(ready == "sdlm.v1.Generation", f"{label}: gateway readiness does not wait for a scheduler leader")
     for component in ("gateway", "scheduler", "worker"):
         check(("PodDisruptionBudget", f"sdlm-{component}") in names, f"{label}: no PDB for {component}")
     etcd = find(objects, "StatefulSet", "sdlm-etcd")

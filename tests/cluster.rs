@@ -455,3 +455,42 @@ async fn an_etcd_outage_keeps_the_last_known_cluster_serving() {
         "the scheduler forgot its workers"
     );
 }
+
+/// gRPC health of `service` at `addr`.
+async fn health_of(addr: &str, service: &str) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("the gateway accepts connections");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_is_ready_only_while_it_knows_a_scheduler_leader() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = TempDir::new("gateway-ready");
+    let (_gateway, addr, _) = gateway(&dir, &etcd);
+    // No scheduler yet: alive ("" serving) but not ready for the API.
+    assert_eq!(health_of(&addr, "").await, ServingStatus::Serving as i32);
+    assert_eq!(
+        health_of(&addr, "sdlm.v1.Generation").await,
+        ServingStatus::NotServing as i32
+    );
+    let (_scheduler, _, _) = scheduler(&dir, &etcd, "scheduler");
+    let end = Instant::now() + Duration::from_secs(30);
+    while health_of(&addr, "sdlm.v1.Generation").await != ServingStatus::Serving as i32 {
+        assert!(Instant::now() < end, "the gateway never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -43,7 +43,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* gRPC health probes (grpc.health.v1 on the service port); .startup is the startup budget in periods. */}}
+{{/* gRPC health probes (grpc.health.v1 on the service port); .startup is the startup budget in
+periods; .ready, when set, is the service whose health readiness checks (the gateway reports
+sdlm.v1.Generation serving only while it knows a scheduler leader), while liveness checks the
+server itself. */}}
 {{- define "sdlm.probes" -}}
 startupProbe:
   grpc:
@@ -53,6 +56,9 @@ startupProbe:
 readinessProbe:
   grpc:
     port: {{ .port }}
+    {{- with .ready }}
+    service: {{ . }}
+    {{- end }}
   periodSeconds: 5
   failureThreshold: 2
 livenessProbe:

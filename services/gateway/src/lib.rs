@@ -54,10 +54,12 @@ pub async fn start(
     config: GatewayConfig,
     shutdown: CancellationToken,
 ) -> Result<StartedGateway, GatewayError> {
+    let mut leader_known = None;
     let upstream = match (&config.scheduler, config.etcd.is_empty()) {
         (Some(addr), true) => Upstream::Fixed(addr.clone()),
         (None, false) => {
             let (leader, _task) = sdlm_runtime::etcd::follow_leader(config.etcd.clone());
+            leader_known = Some(leader.clone());
             Upstream::Leader(leader)
         }
         (Some(_), false) => {
@@ -87,9 +89,20 @@ pub async fn start(
         })?;
     let addr = bound.addr;
     let (health, health_service) = sdlm_runtime::health_service();
-    health
-        .set_serving::<GenerationServer<service::GenerationService>>()
-        .await;
+    match leader_known {
+        // Not ready until the first leader is known (report_readiness takes over from here).
+        Some(leader) => {
+            health
+                .set_not_serving::<GenerationServer<service::GenerationService>>()
+                .await;
+            tokio::spawn(report_readiness(health, leader));
+        }
+        None => {
+            health
+                .set_serving::<GenerationServer<service::GenerationService>>()
+                .await
+        }
+    }
     let generation = GenerationServer::with_interceptor(service, move |request| match &keys {
         Some(keys) => keys.check(request),
         None => Ok(request),
@@ -102,4 +115,28 @@ pub async fn start(
     tracing::info!(%addr, auth = config.api_keys.is_some(), "gateway serving");
     let task = tokio::spawn(async move { server.await.map_err(GatewayError::from) });
     Ok(StartedGateway { addr, task })
+}
+
+/// With etcd discovery, `sdlm.v1.Generation` is reported serving only while a scheduler leader
+/// is known, so a readiness probe on that service holds traffic back from a gateway that would
+/// answer UNAVAILABLE. The server itself ("" in gRPC health) stays serving: a liveness probe
+/// must not restart a gateway for an election in progress.
+async fn report_readiness(
+    health: tonic_health::server::HealthReporter,
+    mut leader: tokio::sync::watch::Receiver<Option<String>>,
+) {
+    loop {
+        if leader.borrow_and_update().is_some() {
+            health
+                .set_serving::<GenerationServer<service::GenerationService>>()
+                .await;
+        } else {
+            health
+                .set_not_serving::<GenerationServer<service::GenerationService>>()
+                .await;
+        }
+        if leader.changed().await.is_err() {
+            return;
+        }
+    }
 }
