@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::{prefill, rows, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler};
 use crate::error::Result;
-use crate::model::{KvCache, Model, SequenceCache};
+use crate::model::{Model, SequenceCache};
 
 pub struct AutoregressiveDecoder<'m> {
     model: &'m Model,
@@ -19,12 +19,7 @@ pub struct AutoregressiveDecoder<'m> {
 }
 
 impl<'m> AutoregressiveDecoder<'m> {
-    /// Prefills the prompt (one causal forward into a dense cache of its own).
-    pub fn new(model: &'m Model, prompt: &[u32], params: &DecodingParams) -> Result<Self> {
-        Self::new_in(model, prompt, params, Box::new(KvCache::new()))
-    }
-
-    /// [`AutoregressiveDecoder::new`] over the given empty cache.
+    /// Prefills the prompt (one causal forward into `cache`, which starts empty).
     pub fn new_in(
         model: &'m Model,
         prompt: &[u32],
@@ -48,17 +43,7 @@ impl<'m> AutoregressiveDecoder<'m> {
     }
 
     /// Continues after `committed` completion tokens: prompt and committed tokens are one causal
-    /// prefix, exactly what the token-by-token run cached.
-    pub fn resume(
-        model: &'m Model,
-        prompt: &[u32],
-        committed: &[u32],
-        params: &DecodingParams,
-    ) -> Result<Self> {
-        Self::resume_in(model, prompt, committed, params, Box::new(KvCache::new()))
-    }
-
-    /// [`AutoregressiveDecoder::resume`] over the given empty cache.
+    /// prefix, exactly what the token-by-token run cached (into `cache`, which starts empty).
     pub fn resume_in(
         model: &'m Model,
         prompt: &[u32],

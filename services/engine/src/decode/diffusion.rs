@@ -14,7 +14,7 @@ use super::{
     prefill, rows, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler,
 };
 use crate::error::{EngineError, Result};
-use crate::model::{KvCache, Model, SequenceCache};
+use crate::model::{Model, SequenceCache};
 
 pub struct DiffusionDecoder<'m> {
     model: &'m Model,
@@ -37,12 +37,7 @@ pub struct DiffusionDecoder<'m> {
 }
 
 impl<'m> DiffusionDecoder<'m> {
-    /// Prefills the prompt as one causal prefix, into a dense cache of its own.
-    pub fn new(model: &'m Model, prompt: &[u32], params: &DecodingParams) -> Result<Self> {
-        Self::new_in(model, prompt, params, Box::new(KvCache::new()))
-    }
-
-    /// [`DiffusionDecoder::new`] over the given empty cache.
+    /// Prefills the prompt as one causal prefix, into `cache` (which starts empty).
     pub fn new_in(
         model: &'m Model,
         prompt: &[u32],
@@ -79,17 +74,7 @@ impl<'m> DiffusionDecoder<'m> {
     /// generation's last block is shorter, and a finished generation is never resumed). The
     /// committed blocks before the last are written into the cache by one forward, each its own
     /// query block; the last one is left pending, as the first run leaves a finished block, so
-    /// the next block's first forward commits it.
-    pub fn resume(
-        model: &'m Model,
-        prompt: &[u32],
-        committed: &[u32],
-        params: &DecodingParams,
-    ) -> Result<Self> {
-        Self::resume_in(model, prompt, committed, params, Box::new(KvCache::new()))
-    }
-
-    /// [`DiffusionDecoder::resume`] over the given empty cache.
+    /// the next block's first forward commits it. `cache` starts empty.
     pub fn resume_in(
         model: &'m Model,
         prompt: &[u32],
