@@ -48,13 +48,12 @@ fn fully_masked(clean: &[Vec<u32>], mask_id: u32, device: &Device) -> Result<Bat
         inputs.extend(std::iter::repeat_n(mask_id, len));
         inputs.extend_from_slice(seq);
     }
-    let targets: Vec<u32> = clean.concat();
     Ok(Batch {
         len,
         inputs: Tensor::from_vec(inputs, (b, 2 * len), device)?,
-        targets: Tensor::from_vec(targets, (b, len), device)?,
-        weights: Tensor::ones((b, len), candle_core::DType::F32, device)?,
-        masked: Tensor::ones((b, len), candle_core::DType::F32, device)?,
+        targets: clean.concat(),
+        weights: vec![1.0; b * len],
+        masked: vec![true; b * len],
         positions: twin_positions(len),
         mask: training_mask(len, &Blocks::new(1, 0), device)?,
         stage: Stage::Mask,

@@ -3,11 +3,12 @@
 //! one attention mask, and its logits over the corrupted half are scored against the clean
 //! tokens, weighted per position (1/t where masked).
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use sdlm_engine::Model;
 
 use crate::blocks::Blocks;
 use crate::corrupt::{corrupt, Stage};
+use crate::cross_entropy::token_nll;
 use crate::error::TrainerError;
 use crate::rng::TrainRng;
 
@@ -28,12 +29,13 @@ pub fn training_mask(len: usize, blocks: &Blocks, device: &Device) -> Result<Ten
 }
 
 /// A batch ready for the model: B sequences of L clean tokens, corrupted under one partition.
+/// `targets`, `weights` and `masked` are per corrupted position, `[B · L]` row-major.
 pub struct Batch {
     pub len: usize,
     pub inputs: Tensor,
-    pub targets: Tensor,
-    pub weights: Tensor,
-    pub masked: Tensor,
+    pub targets: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub masked: Vec<bool>,
     pub positions: Vec<u32>,
     pub mask: Tensor,
     pub stage: Stage,
@@ -64,7 +66,7 @@ impl Batch {
             inputs.extend_from_slice(seq);
             targets.extend_from_slice(seq);
             weights.extend_from_slice(&c.weights);
-            masked.extend(c.masked.iter().map(|&m| f32::from(u8::from(m))));
+            masked.extend_from_slice(&c.masked);
             edits += c.edits;
             levenshtein += c.levenshtein;
         }
@@ -72,9 +74,9 @@ impl Batch {
         Ok(Self {
             len,
             inputs: Tensor::from_vec(inputs, (b, 2 * len), device)?,
-            targets: Tensor::from_vec(targets, (b, len), device)?,
-            weights: Tensor::from_vec(weights, (b, len), device)?,
-            masked: Tensor::from_vec(masked, (b, len), device)?,
+            targets,
+            weights,
+            masked,
             positions: twin_positions(len),
             mask: training_mask(len, blocks, device)?,
             stage,
@@ -98,35 +100,63 @@ pub struct Loss {
     pub weighted_sum: f64,
 }
 
-/// Per-position negative log-likelihood `[B, L]` of the clean tokens under the model's logits for
-/// the corrupted half.
-pub fn position_nll(model: &Model, batch: &Batch, mask_id: u32) -> Result<Tensor, TrainerError> {
-    let logits =
-        model.forward_train_rows(&batch.inputs, &batch.positions, &batch.mask, 0..batch.len)?;
-    let logits = if batch.stage == Stage::Edit {
-        let vocab = logits.dim(D::Minus1)?;
-        let mut floor = vec![0f32; vocab];
-        if let Some(f) = floor.get_mut(mask_id as usize) {
-            *f = MASK_LOGIT_FLOOR;
+/// The positions that carry loss (weight ≠ 0): in stage 1 only the masked ones, about half.
+/// The LM head and the cross-entropy run over these rows only.
+struct Scored {
+    /// Row of each in the model's `[B · 2L]` flattened input (the corrupted half of its window).
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    masked: Vec<f32>,
+}
+
+impl Scored {
+    fn of(batch: &Batch) -> Self {
+        let mut s = Self {
+            rows: vec![],
+            targets: vec![],
+            weights: vec![],
+            masked: vec![],
+        };
+        for (p, &w) in batch.weights.iter().enumerate() {
+            if w == 0.0 {
+                continue;
+            }
+            let (seq, i) = (p / batch.len, p % batch.len);
+            s.rows.push((seq * 2 * batch.len + i) as u32);
+            s.targets.push(batch.targets[p]);
+            s.weights.push(w);
+            s.masked.push(f32::from(u8::from(batch.masked[p])));
         }
-        logits.broadcast_add(&Tensor::from_vec(floor, vocab, logits.device())?)?
-    } else {
-        logits
-    };
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    Ok(log_probs
-        .gather(&batch.targets.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?
-        .neg()?)
+        s
+    }
 }
 
 pub fn loss(model: &Model, batch: &Batch, mask_id: u32) -> Result<Loss, TrainerError> {
-    let nll = position_nll(model, batch, mask_id)?;
-    let weighted = nll.mul(&batch.weights)?;
+    let device = batch.inputs.device();
     let positions = (batch.sequences() * batch.len) as f64;
+    let scored = Scored::of(batch);
+    if scored.rows.is_empty() {
+        // Nothing carries loss (possible only in tiny batches): a zero, whose missing gradients
+        // the optimiser reads as zeros.
+        return Ok(Loss {
+            total: Tensor::new(0f32, device)?,
+            mask: 0.0,
+            edit: 0.0,
+            weighted_sum: 0.0,
+        });
+    }
+    let rows = Tensor::new(scored.rows.as_slice(), device)?;
+    let logits = model.forward_train_select(&batch.inputs, &batch.positions, &batch.mask, &rows)?;
+    let floor = (batch.stage == Stage::Edit).then_some((mask_id, MASK_LOGIT_FLOOR));
+    let nll = token_nll(&logits, &scored.targets, floor)?;
+    let weighted = nll.mul(&Tensor::new(scored.weights.as_slice(), device)?)?;
     let sum = weighted.sum_all()?;
     let total = (&sum / positions)?;
-    let mask_sum: f32 = weighted.mul(&batch.masked)?.sum_all()?.to_scalar()?;
+    let mask_sum: f32 = weighted
+        .mul(&Tensor::new(scored.masked.as_slice(), device)?)?
+        .sum_all()?
+        .to_scalar()?;
     let all: f32 = sum.to_scalar()?;
     Ok(Loss {
         total,

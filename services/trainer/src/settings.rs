@@ -98,16 +98,17 @@ impl Settings {
                 // enough for the allocator to reuse (measured as fast or faster).
                 batch_size: 4,
                 accumulation: 2,
-                // Sized from the measured 540–570 tokens/s on the 2-core machine (3.7 s a
-                // step): about 100 minutes, leaving room under the 2-hour limit for evaluation.
-                steps: 1600,
+                // Sized from the measured throughput on the idle 2-core machine: 800–860
+                // tokens/s in stage 1 (2.5 s a step), less in stage 2, which scores every
+                // position: about 105 minutes, leaving room under the 2-hour limit for evaluation.
+                steps: 2200,
                 mask_stage_share: 0.8,
                 warmup_steps: 50,
                 learning_rate: 2e-3,
                 min_lr_ratio: 0.1,
                 weight_decay: 0.1,
                 grad_clip: 1.0,
-                eval_every: 400,
+                eval_every: 440,
                 eval_tokens: 8192,
                 checkpoint_every: 50,
                 seed: 1,

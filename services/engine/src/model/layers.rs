@@ -204,15 +204,23 @@ impl Attention {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
             None => (k, v),
         };
-        let k = repeat_kv(k_all.clone(), self.heads / self.kv_heads)?;
-        let v = repeat_kv(v_all.clone(), self.heads / self.kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let probs = match ops {
-            Ops::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
-            Ops::Differentiable => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+        let fused = ops == Ops::Differentiable
+            && q.device().is_cpu()
+            && q.dtype() == candle_core::DType::F32
+            && mask.rank() == 2;
+        let out = if fused {
+            super::masked_attention::masked_attention(&q, &k_all, &v_all, mask, scale)?
+        } else {
+            let k = repeat_kv(k_all.clone(), self.heads / self.kv_heads)?;
+            let v = repeat_kv(v_all.clone(), self.heads / self.kv_heads)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+            let probs = match ops {
+                Ops::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+                Ops::Differentiable => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+            };
+            probs.matmul(&v)? // [b, heads, len, d]
         };
-        let out = probs.matmul(&v)?; // [b, heads, len, d]
         let out = out
             .transpose(1, 2)?
             .reshape((b, len, self.heads * self.head_dim))?;

@@ -8,6 +8,7 @@
 mod cache;
 mod ggml_rounding;
 mod layers;
+mod masked_attention;
 mod paged;
 pub(crate) mod source;
 
@@ -133,6 +134,33 @@ impl Model {
             .hidden(input_ids, positions, mask, None, Ops::Differentiable)?
             .0;
         let hidden = hidden.narrow(1, rows.start, rows.len())?;
+        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Model::forward_train`] with logits for the chosen `rows` (u32 indices into the flattened
+    /// `[batch · len]` input) only, `[rows, vocab]`: the block-diffusion loss reads the corrupted
+    /// positions that carry loss (about half of them in its first stage).
+    pub fn forward_train_select(
+        &self,
+        input_ids: &Tensor,
+        positions: &[u32],
+        mask: &Tensor,
+        rows: &Tensor,
+    ) -> Result<Tensor> {
+        let (batch, len) = input_ids.dims2()?;
+        if positions.len() != len || mask.dims() != [len, len] {
+            return Err(EngineError::Input(format!(
+                "{} positions and a {:?} mask for {len} tokens",
+                positions.len(),
+                mask.dims()
+            )));
+        }
+        let hidden = self
+            .hidden(input_ids, positions, mask, None, Ops::Differentiable)?
+            .0;
+        let hidden = hidden
+            .reshape((batch * len, self.config.hidden_size))?
+            .index_select(rows, 0)?;
         Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
     }
 
