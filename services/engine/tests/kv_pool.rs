@@ -70,7 +70,12 @@ fn a_hundred_thousand_random_operations_keep_every_page_accounted_for() {
                 reused += table.len();
                 let rest = tokens[table.len()..].to_vec();
                 match table.commit(&pool, &rest) {
-                    Ok(()) => tables.push(table),
+                    Ok(()) => {
+                        // Its forward wrote the K/V: the full pages may now be shared.
+                        let written = table.len();
+                        table.publish(&pool, written);
+                        tables.push(table)
+                    }
                     Err(_) => refused += 1, // dropped: its pages go back
                 }
             }
@@ -81,7 +86,12 @@ fn a_hundred_thousand_random_operations_keep_every_page_accounted_for() {
                     .map(|_| rng.random_range(0..6u32))
                     .collect();
                 let before = tables[i].clone();
-                if tables[i].commit(&pool, &block).is_err() {
+                let committed = tables[i].commit(&pool, &block);
+                if committed.is_ok() {
+                    let written = tables[i].len();
+                    tables[i].publish(&pool, written);
+                }
+                if committed.is_err() {
                     assert_eq!(
                         tables[i].tokens(),
                         before.tokens(),
@@ -134,6 +144,7 @@ fn a_second_prompt_with_the_same_beginning_holds_the_same_pages() {
     let mut first = BlockTable::reusing_prefix(&pool, &prompt);
     assert_eq!(first.len(), 0, "nothing cached yet");
     first.commit(&pool, &prompt).unwrap();
+    first.publish(&pool, prompt.len());
     let mut longer = prompt.clone();
     longer.extend([50, 51, 52]);
     let second = BlockTable::reusing_prefix(&pool, &longer);
@@ -150,4 +161,18 @@ fn a_second_prompt_with_the_same_beginning_holds_the_same_pages() {
     drop((first, second));
     assert_eq!(pool.used_pages(), 0);
     assert_eq!(BlockTable::reusing_prefix(&pool, &longer).len(), 8);
+}
+
+#[test]
+fn a_page_is_shared_only_once_its_keys_and_values_are_written() {
+    let pool = PagePool::new(16, 4);
+    let prompt: Vec<u32> = (0..11).collect();
+    let mut first = BlockTable::new();
+    first.commit(&pool, &prompt).unwrap();
+    // Committed but not yet written (its forward is running, or failed): not shared.
+    assert_eq!(BlockTable::reusing_prefix(&pool, &prompt).len(), 0);
+    first.publish(&pool, 5); // only the first page is written
+    assert_eq!(BlockTable::reusing_prefix(&pool, &prompt).len(), 4);
+    first.publish(&pool, prompt.len());
+    assert_eq!(BlockTable::reusing_prefix(&pool, &prompt).len(), 8);
 }

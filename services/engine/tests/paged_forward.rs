@@ -196,6 +196,7 @@ fn a_prompt_whose_beginning_is_cached_gives_the_logits_of_a_cold_run() {
     let mut cold = BlockTable::new();
     cold.commit(&pool, &prompt).unwrap();
     let cold_logits = prefill(&cold, &prompt, 0, &mut storage);
+    cold.publish(&pool, prompt.len());
     let mut warm = BlockTable::reusing_prefix(&pool, &prompt);
     let reused = warm.len();
     assert_eq!(

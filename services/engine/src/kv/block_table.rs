@@ -1,7 +1,9 @@
 //! A sequence's block table: the pages that hold its committed tokens, in order. Only committed
 //! tokens enter it (the open diffusion block is recomputed each step and written once, at
 //! commit). Every page that fills up is published to the pool's prefix cache under its chain
-//! hash, so a later prompt that starts with the same tokens reuses it.
+//! hash, so a later prompt that starts with the same tokens reuses it; it is published only once
+//! the forward that writes its keys and values has succeeded ([`BlockTable::publish`]), so no
+//! other sequence can read a page whose K/V are not there yet, or never will be.
 
 use super::pool::{PageId, PagePool, PageRef};
 
@@ -86,10 +88,10 @@ impl BlockTable {
         self.hashes.last().copied().unwrap_or(ROOT)
     }
 
-    /// Appends committed tokens, taking pages as they are needed and publishing the ones that
-    /// fill up. All or nothing: when the pool cannot supply every page, nothing changes.
+    /// Appends committed tokens, taking pages as they are needed. All or nothing: when the pool
+    /// cannot supply every page, nothing changes. The caller writes their K/V (a forward), then
+    /// calls [`BlockTable::publish`].
     pub fn commit(&mut self, pool: &PagePool, tokens: &[u32]) -> Result<(), OutOfPages> {
-        let n = pool.page_tokens();
         let needed = pool.pages_for(self.tokens.len() + tokens.len()) - self.pages.len();
         let mut fresh = Vec::with_capacity(needed);
         for _ in 0..needed {
@@ -107,15 +109,21 @@ impl BlockTable {
         }
         self.ids.extend(fresh.iter().map(PageRef::id));
         self.pages.extend(fresh);
-        let before = self.tokens.len();
         self.tokens.extend_from_slice(tokens);
-        for full in before / n..self.tokens.len() / n {
-            let chunk = &self.tokens[full * n..(full + 1) * n];
+        Ok(())
+    }
+
+    /// Publishes to the prefix cache every full page among the first `written` tokens (those
+    /// whose K/V are in the pages) that is not published yet.
+    pub fn publish(&mut self, pool: &PagePool, written: usize) {
+        let n = pool.page_tokens();
+        let full = written.min(self.tokens.len()) / n;
+        for page in self.hashes.len()..full {
+            let chunk = &self.tokens[page * n..(page + 1) * n];
             let hash = chain_hash(self.last_hash(), chunk);
-            pool.publish(&self.pages[full], hash, chunk);
+            pool.publish(&self.pages[page], hash, chunk);
             self.hashes.push(hash);
         }
-        Ok(())
     }
 
     /// Committed tokens.

@@ -141,6 +141,7 @@ impl PagedCache {
             answer.recv().map_err(|_| stopped())??
         };
         self.context += commit;
+        self.table.publish(&self.pool, self.context);
         Ok(answer)
     }
 }

@@ -395,7 +395,8 @@ impl<'m> StepBatcher<'m> {
             .entries
             .iter_mut()
             .enumerate()
-            .filter(|(i, _)| advancing.contains(i))
+            // `plan` lists the running entries first, in index order, so this is sorted.
+            .filter(|(i, _)| advancing.binary_search(i).is_ok())
             .collect();
         if let ([(i, entry)], true) = (selected.as_mut_slice(), own.is_empty()) {
             shared.solo.store(true, Ordering::SeqCst);
@@ -424,6 +425,10 @@ impl<'m> StepBatcher<'m> {
             let e = &mut self.entries[i];
             let outcome = match answer.recv() {
                 Ok(Ok(_)) => {
+                    if let Stage::Prefilling(table) = &mut e.stage {
+                        let written = table.len();
+                        table.publish(&self.pool, written);
+                    }
                     e.chunks.prefill_forwards += 1;
                     e.chunks.prefill_seconds += seconds;
                     Outcome::Chunked
@@ -439,7 +444,7 @@ impl<'m> StepBatcher<'m> {
     /// Turns the iteration's outcomes into outputs; ended and failed sequences leave, preempted
     /// ones wait again.
     fn report(&mut self, outcomes: Vec<(usize, Outcome)>) -> Vec<StepOutput> {
-        let mut leaving = Vec::new();
+        let mut leaving = std::collections::HashSet::new();
         let mut outputs = Vec::new();
         for (i, outcome) in outcomes {
             let entry = &mut self.entries[i];
@@ -467,7 +472,7 @@ impl<'m> StepBatcher<'m> {
             }
             out.stats = entry.stats();
             if out.finish.is_some() || out.error.is_some() {
-                leaving.push(entry.id);
+                leaving.insert(entry.id);
             }
             outputs.push(out);
         }
