@@ -34,7 +34,8 @@ fn qwen2_q8_0_gguf_matches_transformers_with_llama_cpps_activation_rounding() {
     // input rounded to Q8_0 first, as llama.cpp does, for the first rows of the sequence.
     let want_rounded = want["q8_activation_logits"].to_vec2::<f32>().unwrap();
     let rows = want_rounded.len();
-    // Many rows at once: the dequantized f32 weights after our own rounding of the activations.
+    // Many rows at once (16: the few-row 8-bit path, which rounds the activations as llama.cpp
+    // does and multiplies in integers).
     let all = logits(&model, &ids, MaskRule::Causal);
     let diff = max_abs_diff(
         &all.narrow(0, 0, rows).unwrap(),

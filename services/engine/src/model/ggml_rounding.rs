@@ -69,15 +69,26 @@ impl ActivationRounding {
 
 /// `quantize_row_q8_0` (x86), then back to f32.
 fn round_q8_block32(block: &mut [f32]) {
+    let mut q = [0i8; 32];
+    let d = quantize_q8_block32(block, &mut q[..block.len()]);
+    for (v, &q) in block.iter_mut().zip(&q) {
+        *v = q as f32 * d;
+    }
+}
+
+/// `quantize_row_q8_0` (x86) of one block into `q`: returns the scale, rounded to f16 as ggml
+/// stores it (the values are divided by the unrounded one).
+pub(crate) fn quantize_q8_block32(block: &[f32], q: &mut [i8]) -> f32 {
     // A plain compare (no NaN rule) lets the loop vectorise; ggml's max_ps behaves the same way.
     let amax = block
         .iter()
         .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
     let d = f16::from_f32(amax / 127.0).to_f32();
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    for v in block.iter_mut() {
-        *v = round_half_even(*v * id) * d;
+    for (q, &v) in q.iter_mut().zip(block) {
+        *q = round_half_even(v * id) as i8;
     }
+    d
 }
 
 /// Round half to even for |x| < 2^22, as ggml's `nearest_int` does: adding 1.5·2^23 leaves no

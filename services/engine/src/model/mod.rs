@@ -10,6 +10,7 @@ mod ggml_rounding;
 mod layers;
 mod masked_attention;
 mod paged;
+mod q8_matmul;
 pub(crate) mod source;
 
 use candle_core::{DType, Device, Module, Tensor};

@@ -5,16 +5,15 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, RmsNorm, VarBuilder};
 
-/// Rows of input above which a quantized projection multiplies by its dequantized f32 weight
-/// (candle's tiled gemm) instead of quantized dot products (candle's row-tiled quantized matmul,
-/// which reads each weight block once per tile of rows). Measured with `sdlm bench --mode
-/// autoregressive --concurrency 1,4,8,16` on Qwen2.5-Coder-0.5B (Q5_0, whose few-row path uses
-/// a Q8_0 copy), 2 cores: with every multi-row input on the f32 gemm, 4 sequences ran at 10.7
-/// tokens/s against 12.9 for one (streaming 2 GB of f32 weights per forward); with up to 64
-/// rows quantized, 4 ran at 15.8 but 16 at 18.7 against 26.3 through the gemm. Up to 8 rows:
-/// 16.5, 19.1 and 28.3 tokens/s at 4, 8 and 16. Scoring windows (hundreds of rows) take the
-/// gemm, with llama.cpp's activation rounding.
-const DEQUANTIZE_ABOVE_ROWS: usize = 8;
+/// Rows of input a quantized projection multiplies by its weights' 8-bit copy
+/// ([`super::q8_matmul`], which reads each weight once per forward whatever the number of rows);
+/// one row takes candle's quantized matmul (tuned for a single row), more rows than this the
+/// dequantized f32 weights (candle's tiled gemm, which wins once the work is compute-bound;
+/// scoring windows and prompt chunks). Before the 8-bit path, with rows above 8 on the gemm and
+/// up to 8 on candle's quantized matmul (which streams the weights once per row), AR decoding of
+/// Qwen2.5-Coder-0.5B (Q5_0) ran at 13.1, 16.5, 19.1 and 28.3 tokens/s at 1, 4, 8 and 16
+/// sequences on the 2-core machine.
+const INT8_ROWS: std::ops::RangeInclusive<usize> = 2..=64;
 
 /// A projection: dense (safetensors, in the model's dtype) or quantized (GGUF, through candle's
 /// quantized matmul), with an optional bias.
@@ -24,6 +23,8 @@ pub(crate) enum Proj {
         weight: QMatMul,
         /// The f32 weight, made on first use by a many-row input.
         dense: std::sync::OnceLock<Tensor>,
+        /// The Q8_0 copy for few-row inputs, made on first use.
+        int8: std::sync::OnceLock<super::q8_matmul::Q8Rows>,
         qtensor: std::sync::Arc<QTensor>,
         /// How llama.cpp would round the activations for this weight format; the many-row path
         /// does the same, so that scoring a GGUF file agrees with llama.cpp's.
@@ -52,6 +53,7 @@ impl Proj {
         Ok(Proj::Quantized {
             weight: QMatMul::from_arc(few_rows)?,
             dense: std::sync::OnceLock::new(),
+            int8: std::sync::OnceLock::new(),
             rounding: ActivationRounding::for_weight(qtensor.dtype()),
             qtensor,
             bias,
@@ -66,12 +68,26 @@ impl Module for Proj {
             Proj::Quantized {
                 weight,
                 dense,
+                int8,
                 qtensor,
                 rounding,
                 bias,
             } => {
                 let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-                let y = if rows > DEQUANTIZE_ABOVE_ROWS {
+                let eight_bit = !matches!(
+                    qtensor.dtype(),
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                );
+                let y = if INT8_ROWS.contains(&rows) && eight_bit && x.device().is_cpu() {
+                    let w = match int8.get() {
+                        Some(w) => w,
+                        None => {
+                            let w = int8_copy(qtensor)?;
+                            int8.get_or_init(|| w)
+                        }
+                    };
+                    int8_forward(w, x)?
+                } else if rows > *INT8_ROWS.end() {
                     let w = match dense.get() {
                         Some(w) => w,
                         None => {
@@ -90,6 +106,37 @@ impl Module for Proj {
             }
         }
     }
+}
+
+/// The Q8_0 copy of a quantized weight `[out, in]` (its values dequantized, then requantized:
+/// exact for Q8_0 files, a small extra rounding for the 4-, 5- and 6-bit formats, as in the
+/// few-row path of `SLOW_DOT_FORMATS`).
+fn int8_copy(qtensor: &QTensor) -> Result<super::q8_matmul::Q8Rows> {
+    let (out, inp) = qtensor.shape().dims2()?;
+    if !inp.is_multiple_of(super::q8_matmul::BLOCK) {
+        candle_core::bail!("a {out}×{inp} weight: the input size is not a multiple of 32");
+    }
+    let values = qtensor
+        .dequantize(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(super::q8_matmul::Q8Rows::quantize(&values, out, inp))
+}
+
+/// `x · wᵀ` through the 8-bit matmul, for `x` `[..., in]` f32 on the CPU.
+fn int8_forward(w: &super::q8_matmul::Q8Rows, x: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let inp = dims.pop().unwrap_or(0);
+    if inp != w.cols() {
+        candle_core::bail!("input of size {inp} for a weight of {} inputs", w.cols());
+    }
+    let rows = x.elem_count() / inp.max(1);
+    let values = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    dims.push(w.rows());
+    Tensor::from_vec(w.matmul(&values, rows), dims, x.device())?.to_dtype(x.dtype())
 }
 
 pub(crate) trait WeightSource {
