@@ -11,6 +11,7 @@ mod load;
 mod parse_rate;
 mod perplexity;
 mod serve;
+mod threads;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    threads::pin_candle_thread_count();
     match Cli::parse().command {
         Command::Batch(args) => batch::run(args),
         Command::Bench(args) => bench::run(args),
