@@ -5,8 +5,10 @@
 //! (reported in `usage`), both of the same request, so the machine's noise between runs does
 //! not enter. With `--model` as well, the same prompts are first decoded in this process with the
 //! same parameters, for the whole in-process latency and for what the services add over an
-//! in-process caller (who also tokenizes, detokenizes and starts a decoder). A benchmark prints
-//! measurements; it asserts nothing.
+//! in-process caller (who also tokenizes, detokenizes and starts a decoder): once over a lone
+//! decoder, and once through a step batcher as the worker's engine thread runs it, which leaves
+//! only what the gateway, the scheduler and the gRPC hops add. A benchmark prints measurements;
+//! it asserts nothing.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -14,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use sdlm_engine::decode::{decoder_for, DecodingParams};
-use sdlm_engine::{open_model, Device};
+use sdlm_engine::decode::{decoder_for, DecodingParams, StepBatcher};
+use sdlm_engine::kv::PagePool;
+use sdlm_engine::{open_model, Device, Model};
 use sdlm_proto::v1::generation_client::GenerationClient;
 use sdlm_proto::v1::{DecodingParams as WireParams, GenerateRequest};
 
@@ -51,7 +54,7 @@ pub fn run(load: Load<'_>) -> anyhow::Result<()> {
         }
         anyhow::Ok(levels)
     })?;
-    report(&load, baseline.as_deref(), &levels);
+    report(&load, baseline.as_ref(), &levels);
     Ok(())
 }
 
@@ -64,38 +67,92 @@ struct InProcess {
     engine: f64,
 }
 
-/// Every prompt decoded here, one after another.
+/// The in-process baselines: each prompt decoded by a lone decoder, and by a step batcher.
+struct Baselines {
+    decoder: Vec<InProcess>,
+    batcher: Vec<InProcess>,
+}
+
+/// Every prompt decoded here, one after another, both ways.
 fn in_process(
     model: &Path,
     prompts: &[String],
     max_new_tokens: usize,
-) -> anyhow::Result<Vec<InProcess>> {
+) -> anyhow::Result<Baselines> {
     let (model, tokenizer) = open_model(model, &Device::Cpu)?;
     let params = DecodingParams {
         max_new_tokens,
         ..DecodingParams::for_model(model.config())
     };
-    let mut runs = Vec::new();
+    let encode = |prompt: &str| {
+        tokenizer
+            .encode(prompt, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))
+    };
+    let detokenize = |ids: &[u32]| {
+        tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
+    };
+    let mut decoder = Vec::new();
     for prompt in prompts {
         let start = Instant::now();
-        let ids = tokenizer
-            .encode(prompt.as_str(), true)
-            .map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))?;
-        let mut d = decoder_for(&model, ids.get_ids(), &params)?;
+        let ids = encode(prompt)?;
+        let mut d = decoder_for(&model, &ids, &params)?;
         while d.finished().is_none() {
             if !d.step()?.is_empty() {
-                tokenizer
-                    .decode(d.completion(), true)
-                    .map_err(|e| anyhow::anyhow!("detokenizing: {e}"))?;
+                detokenize(d.completion())?;
             }
         }
         let stats = d.stats();
-        runs.push(InProcess {
+        decoder.push(InProcess {
             seconds: start.elapsed().as_secs_f64(),
             engine: stats.prefill_seconds + stats.decode_seconds,
         });
     }
-    Ok(runs)
+    let mut batcher = worker_like_batcher(&model, &params);
+    let mut batched = Vec::new();
+    for prompt in prompts {
+        let start = Instant::now();
+        let id = batcher.add(encode(prompt)?, params.clone());
+        let mut completion = Vec::new();
+        let stats = loop {
+            let Some(out) = batcher.step().into_iter().find(|o| o.id == id) else {
+                continue;
+            };
+            if let Some(e) = out.error {
+                anyhow::bail!("in-process step batcher: {e}");
+            }
+            if !out.tokens.is_empty() {
+                completion.extend_from_slice(&out.tokens);
+                detokenize(&completion)?;
+            }
+            if out.finish.is_some() {
+                break out.stats;
+            }
+        };
+        batched.push(InProcess {
+            seconds: start.elapsed().as_secs_f64(),
+            engine: stats.prefill_seconds + stats.decode_seconds,
+        });
+        // As the worker's engine thread does while it waits for the next request.
+        batcher.release_finished();
+    }
+    Ok(Baselines {
+        decoder,
+        batcher: batched,
+    })
+}
+
+/// A step batcher with the worker's page size and token budget, and pages for two sequences of
+/// the model's whole context (one runs at a time; the other's worth keeps the prefix cache).
+fn worker_like_batcher<'m>(model: &'m Model, params: &DecodingParams) -> StepBatcher<'m> {
+    let page_tokens = sdlm_worker::DEFAULT_PAGE_TOKENS;
+    let per_sequence =
+        (model.config().max_position_embeddings + params.block_size).div_ceil(page_tokens);
+    StepBatcher::new(model, PagePool::new(2 * per_sequence, page_tokens))
+        .with_max_batch_tokens(sdlm_engine::decode::DEFAULT_MAX_BATCH_TOKENS)
 }
 
 /// Every prompt through `concurrency` clients; samples in prompt order and the wall time.
@@ -190,7 +247,7 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
-fn report(load: &Load<'_>, baseline: Option<&[InProcess]>, levels: &[(usize, (Vec<Sample>, f64))]) {
+fn report(load: &Load<'_>, baseline: Option<&Baselines>, levels: &[(usize, (Vec<Sample>, f64))]) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if !load.json {
         println!(
@@ -264,31 +321,41 @@ fn report(load: &Load<'_>, baseline: Option<&[InProcess]>, levels: &[(usize, (Ve
         }
         return;
     };
-    let added: Vec<f64> = serial
-        .iter()
-        .zip(baseline)
-        .map(|(s, b)| (s.seconds - b.seconds) * 1e3)
-        .collect();
     // What the services add over an in-process caller: each request's time outside the engine
     // through gRPC, minus the same prompt's time outside the engine in-process (tokenizing,
     // detokenizing, starting the decoder), so neither run's engine speed enters.
-    let over: Vec<f64> = serial
+    let over = |base: &[InProcess]| -> Vec<f64> {
+        serial
+            .iter()
+            .zip(base)
+            .map(|(s, b)| ((s.seconds - s.engine) - (b.seconds - b.engine)) * 1e3)
+            .collect()
+    };
+    let (over_decoder, over_batcher) = (over(&baseline.decoder), over(&baseline.batcher));
+    let added: Vec<f64> = serial
         .iter()
-        .zip(baseline)
-        .map(|(s, b)| ((s.seconds - s.engine) - (b.seconds - b.engine)) * 1e3)
+        .zip(&baseline.decoder)
+        .map(|(s, b)| (s.seconds - b.seconds) * 1e3)
         .collect();
-    let base_ms: Vec<f64> = baseline.iter().map(|b| b.seconds * 1e3).collect();
+    let outside = |base: &[InProcess]| -> Vec<f64> {
+        base.iter().map(|b| (b.seconds - b.engine) * 1e3).collect()
+    };
+    let base_ms: Vec<f64> = baseline.decoder.iter().map(|b| b.seconds * 1e3).collect();
     let engine_ms: Vec<f64> = serial.iter().map(|s| s.engine * 1e3).collect();
     if load.json {
         println!(
             "{}",
             serde_json::json!({
-                "mode": "in-process", "concurrency": 1, "requests": baseline.len(),
+                "mode": "in-process", "concurrency": 1, "requests": baseline.decoder.len(),
                 "latency_p50_ms": quantile(&base_ms, 0.5),
                 "worker_engine_p50_ms": quantile(&engine_ms, 0.5),
                 "grpc_minus_in_process_p50_ms": quantile(&added, 0.5),
-                "added_over_in_process_p50_ms": quantile(&over, 0.5),
-                "added_over_in_process_p99_ms": quantile(&over, 0.99),
+                "outside_decoder_in_process_p50_ms": quantile(&outside(&baseline.decoder), 0.5),
+                "outside_batcher_in_process_p50_ms": quantile(&outside(&baseline.batcher), 0.5),
+                "added_over_in_process_p50_ms": quantile(&over_decoder, 0.5),
+                "added_over_in_process_p99_ms": quantile(&over_decoder, 0.99),
+                "added_over_in_process_batcher_p50_ms": quantile(&over_batcher, 0.5),
+                "added_over_in_process_batcher_p99_ms": quantile(&over_batcher, 0.99),
             })
         );
     } else {
@@ -299,9 +366,16 @@ fn report(load: &Load<'_>, baseline: Option<&[InProcess]>, levels: &[(usize, (Ve
             quantile(&added, 0.5),
         );
         println!(
-            "added over in-process (each side's time outside its engine, request by request): p50 {:.2} ms, p99 {:.2} ms",
-            quantile(&over, 0.5),
-            quantile(&over, 0.99),
+            "time outside the engine in-process: p50 {:.2} ms over a lone decoder, {:.2} ms through a step batcher",
+            quantile(&outside(&baseline.decoder), 0.5),
+            quantile(&outside(&baseline.batcher), 0.5),
+        );
+        println!(
+            "added over in-process (each side's time outside its engine, request by request): over a lone decoder p50 {:.2} ms, p99 {:.2} ms; over a step batcher (the worker's engine) p50 {:.2} ms, p99 {:.2} ms",
+            quantile(&over_decoder, 0.5),
+            quantile(&over_decoder, 0.99),
+            quantile(&over_batcher, 0.5),
+            quantile(&over_batcher, 0.99),
         );
     }
 }

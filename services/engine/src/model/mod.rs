@@ -123,17 +123,12 @@ impl Model {
         rows: std::ops::Range<usize>,
     ) -> Result<Tensor> {
         let (_, len) = input_ids.dims2()?;
-        if positions.len() != len || mask.dims() != [len, len] || rows.end > len || rows.is_empty()
-        {
+        if rows.end > len || rows.is_empty() {
             return Err(EngineError::Input(format!(
-                "{} positions, a {:?} mask and rows {rows:?} for {len} tokens",
-                positions.len(),
-                mask.dims()
+                "rows {rows:?} for {len} tokens"
             )));
         }
-        let hidden = self
-            .hidden(input_ids, positions, mask, None, Ops::Differentiable)?
-            .0;
+        let hidden = self.train_hidden(input_ids, positions, mask)?;
         let hidden = hidden.narrow(1, rows.start, rows.len())?;
         Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
     }
@@ -149,6 +144,17 @@ impl Model {
         rows: &Tensor,
     ) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
+        let hidden = self
+            .train_hidden(input_ids, positions, mask)?
+            .reshape((batch * len, self.config.hidden_size))?
+            .index_select(rows, 0)?;
+        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// The final-norm hidden states `[batch, len, hidden]` through differentiable ops, after
+    /// checking that `positions` and `mask` fit the input.
+    fn train_hidden(&self, input_ids: &Tensor, positions: &[u32], mask: &Tensor) -> Result<Tensor> {
+        let (_, len) = input_ids.dims2()?;
         if positions.len() != len || mask.dims() != [len, len] {
             return Err(EngineError::Input(format!(
                 "{} positions and a {:?} mask for {len} tokens",
@@ -156,13 +162,9 @@ impl Model {
                 mask.dims()
             )));
         }
-        let hidden = self
+        Ok(self
             .hidden(input_ids, positions, mask, None, Ops::Differentiable)?
-            .0;
-        let hidden = hidden
-            .reshape((batch * len, self.config.hidden_size))?
-            .index_select(rows, 0)?;
-        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+            .0)
     }
 
     /// Logits `[n, vocab]` for `tokens`, the next n tokens of the sequence whose committed

@@ -248,10 +248,11 @@ unsafe fn dot_avx2(w: &[i8], ws: &[f32], a: &[i8], xs: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1] (xorshift).
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761) | 1;
         (0..n)
             .map(|_| {

@@ -7,7 +7,8 @@ use candle_nn::{Linear, RmsNorm, VarBuilder};
 
 /// Rows of input a quantized projection multiplies by its weights' 8-bit copy
 /// ([`super::q8_matmul`], which reads each weight once per forward whatever the number of rows);
-/// one row takes candle's quantized matmul (tuned for a single row), more rows than this the
+/// one row takes candle's quantized matmul (tuned for a single row) unless candle has no SIMD dot
+/// product for the format (`SLOW_DOT_FORMATS`), more rows than this the
 /// dequantized f32 weights (candle's tiled gemm, which wins once the work is compute-bound;
 /// scoring windows and prompt chunks). Before the 8-bit path, with rows above 8 on the gemm and
 /// up to 8 on candle's quantized matmul (which streams the weights once per row), AR decoding of
@@ -37,21 +38,15 @@ use super::ggml_rounding::ActivationRounding;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 
 /// Formats whose dot products candle runs without SIMD (scalar code, several times slower on
-/// x86): the few-row path multiplies by a Q8_0 copy instead, which has an AVX2 path; scoring and
+/// x86): even a single row goes through the 8-bit copy, which has an AVX2 path; scoring and
 /// prefill windows still use the exact dequantized weights.
 const SLOW_DOT_FORMATS: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
 impl Proj {
     pub(crate) fn quantized(qtensor: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let qtensor = std::sync::Arc::new(qtensor);
-        let few_rows = if SLOW_DOT_FORMATS.contains(&qtensor.dtype()) {
-            let dense = qtensor.dequantize(&candle_core::Device::Cpu)?;
-            std::sync::Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
-        } else {
-            qtensor.clone()
-        };
         Ok(Proj::Quantized {
-            weight: QMatMul::from_arc(few_rows)?,
+            weight: QMatMul::from_arc(qtensor.clone())?,
             dense: std::sync::OnceLock::new(),
             int8: std::sync::OnceLock::new(),
             rounding: ActivationRounding::for_weight(qtensor.dtype()),
@@ -59,6 +54,13 @@ impl Proj {
             bias,
         })
     }
+}
+
+/// Whether `rows` input rows multiply a weight of this format through its 8-bit copy.
+fn takes_int8(dtype: GgmlDType, rows: usize, cols: usize) -> bool {
+    let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    let few = INT8_ROWS.contains(&rows) || (rows == 1 && SLOW_DOT_FORMATS.contains(&dtype));
+    quantized && few && cols.is_multiple_of(super::q8_matmul::BLOCK)
 }
 
 impl Module for Proj {
@@ -73,12 +75,9 @@ impl Module for Proj {
                 rounding,
                 bias,
             } => {
-                let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-                let eight_bit = !matches!(
-                    qtensor.dtype(),
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-                );
-                let y = if INT8_ROWS.contains(&rows) && eight_bit && x.device().is_cpu() {
+                let cols = x.dim(candle_core::D::Minus1)?;
+                let rows = x.elem_count() / cols.max(1);
+                let y = if takes_int8(qtensor.dtype(), rows, cols) && x.device().is_cpu() {
                     let w = match int8.get() {
                         Some(w) => w,
                         None => {
@@ -108,14 +107,11 @@ impl Module for Proj {
     }
 }
 
-/// The Q8_0 copy of a quantized weight `[out, in]` (its values dequantized, then requantized:
-/// exact for Q8_0 files, a small extra rounding for the 4-, 5- and 6-bit formats, as in the
-/// few-row path of `SLOW_DOT_FORMATS`).
+/// The Q8_0 copy of a quantized weight `[out, in]`, `in` a multiple of 32 (its values
+/// dequantized, then requantized: exact for Q8_0 files, a small extra rounding for the 4-, 5-
+/// and 6-bit formats).
 fn int8_copy(qtensor: &QTensor) -> Result<super::q8_matmul::Q8Rows> {
     let (out, inp) = qtensor.shape().dims2()?;
-    if !inp.is_multiple_of(super::q8_matmul::BLOCK) {
-        candle_core::bail!("a {out}×{inp} weight: the input size is not a multiple of 32");
-    }
     let values = qtensor
         .dequantize(&candle_core::Device::Cpu)?
         .flatten_all()?
@@ -183,5 +179,54 @@ impl WeightSource for Safetensors<'_> {
             self.embedding(embedding_name, vocab, hidden)?,
             None,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::q8_matmul::tests::values;
+    use candle_core::Device;
+
+    #[test]
+    fn a_q5_0_row_gives_the_same_output_alone_as_in_a_batch() {
+        // One row and a few rows take the same 8-bit path for a format candle has no SIMD dot
+        // for, so a sequence's logits do not depend on how many others share its forward.
+        let (out, inp, m) = (48, 256, 5);
+        let w = Tensor::from_vec(values(out * inp, 1), (out, inp), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        let proj = Proj::quantized(q, None).unwrap();
+        let x = Tensor::from_vec(values(m * inp, 2), (m, inp), &Device::Cpu).unwrap();
+        let batch = proj.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        for (i, row) in batch.iter().enumerate() {
+            let alone = proj
+                .forward(&x.narrow(0, i, 1).unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(&alone[0], row, "row {i}");
+        }
+    }
+
+    #[test]
+    fn the_8_bit_path_takes_quantized_weights_of_few_rows_whose_width_splits_into_blocks() {
+        assert!(takes_int8(GgmlDType::Q8_0, 16, 896));
+        assert!(
+            !takes_int8(GgmlDType::Q8_0, 1, 896),
+            "one row: candle's SIMD dot"
+        );
+        assert!(
+            takes_int8(GgmlDType::Q5_0, 1, 896),
+            "one row: candle has no SIMD dot"
+        );
+        assert!(
+            !takes_int8(GgmlDType::Q8_0, 65, 896),
+            "many rows: the f32 gemm"
+        );
+        assert!(!takes_int8(GgmlDType::F16, 16, 896), "not quantized");
+        assert!(
+            !takes_int8(GgmlDType::Q8_0, 16, 900),
+            "900 is not a multiple of 32"
+        );
     }
 }
