@@ -6,6 +6,7 @@
 //! positions, and decoding attends bidirectionally inside a block.
 
 mod cache;
+mod f32_rows;
 mod ggml_rounding;
 mod layers;
 mod masked_attention;

@@ -66,7 +66,13 @@ fn takes_int8(dtype: GgmlDType, rows: usize, cols: usize) -> bool {
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Proj::Dense(l) => l.forward(x),
+            Proj::Dense(l) => match super::f32_rows::matmul_t(x, l.weight())? {
+                Some(y) => match l.bias() {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                },
+                None => l.forward(x),
+            },
             Proj::Quantized {
                 weight,
                 dense,
