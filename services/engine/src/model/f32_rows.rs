@@ -14,8 +14,10 @@
 //! product with the same operations in the same order, so batched decoding gives each sequence
 //! the numbers it gets alone.
 
+#[cfg(target_arch = "x86_64")]
+use super::row_tasks::hsum;
+use super::row_tasks::{avx2, by_weight_rows};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Rows of input this path takes at most. Measured on the shipped model (2 cores): at 64 rows
 /// (a step batcher's 16 sequences × 4-token blocks) it still beat candle's gemm, 559 against
@@ -94,38 +96,11 @@ impl CustomOp2 for RowsTimesWeights {
 /// `x [m, k] · w [n, k]ᵀ`: `[m, n]`.
 fn product(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let wide = avx2();
-    let tasks = n.div_ceil(ROWS_PER_TASK);
-    let strip = |t: usize| {
-        let first = t * ROWS_PER_TASK;
-        let count = ROWS_PER_TASK.min(n - first);
-        let mut strip = vec![0f32; m * count];
-        fill_strip(
-            x,
-            m,
-            &w[first * k..(first + count) * k],
-            count,
-            k,
-            wide,
-            &mut strip,
-        );
-        strip
-    };
-    let strips: Vec<Vec<f32>> = if m * n * k < PARALLEL_FROM {
-        (0..tasks).map(strip).collect()
-    } else {
-        (0..tasks).into_par_iter().map(strip).collect()
-    };
-    // Each strip is `[m, its weight rows]`; lay them side by side.
-    let mut out = vec![0f32; m * n];
-    for (t, strip) in strips.iter().enumerate() {
-        let first = t * ROWS_PER_TASK;
-        let count = strip.len() / m.max(1);
-        for i in 0..m {
-            out[i * n + first..i * n + first + count]
-                .copy_from_slice(&strip[i * count..(i + 1) * count]);
-        }
-    }
-    out
+    let parallel = m * n * k >= PARALLEL_FROM;
+    by_weight_rows(m, n, ROWS_PER_TASK, parallel, |first, count, strip| {
+        let rows = &w[first * k..(first + count) * k];
+        fill_strip(x, m, rows, count, k, wide, strip)
+    })
 }
 
 /// Every input row against the `count` weight rows `w [count, k]`, into `strip [m, count]`:
@@ -238,15 +213,6 @@ fn tail_dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(w: &[f32], a: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let k = w.len().min(a.len());
@@ -274,17 +240,6 @@ fn dot(wide: bool, w: &[f32], a: &[f32]) -> f32 {
     }
     let _ = wide;
     tail_dot(a, w)
-}
-
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod layers;
 mod masked_attention;
 mod paged;
 mod q8_matmul;
+mod row_tasks;
 pub(crate) mod source;
 
 use candle_core::{DType, Device, Module, Tensor};

@@ -13,6 +13,9 @@
 use rayon::prelude::*;
 
 use super::ggml_rounding::quantize_q8_block32;
+#[cfg(target_arch = "x86_64")]
+use super::row_tasks::hsum;
+use super::row_tasks::{avx2, by_weight_rows};
 
 /// Values per block (ggml's QK8_0).
 pub(crate) const BLOCK: usize = 32;
@@ -68,30 +71,10 @@ impl Q8Rows {
     /// `x · selfᵀ` for `m` input rows `x` `[m, cols]`: `[m, rows]`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let input = Q8Rows::quantize(x, m, self.cols);
-        let n = self.rows;
         let wide = avx2();
-        // Each task fills a column strip of the output, `[m, its rows]`, then the strips are
-        // laid side by side.
-        let strips: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
-            .into_par_iter()
-            .map(|t| {
-                let first = t * ROWS_PER_TASK;
-                let count = ROWS_PER_TASK.min(n - first);
-                let mut strip = vec![0f32; m * count];
-                self.strip(&input, first, count, wide, &mut strip);
-                strip
-            })
-            .collect();
-        let mut out = vec![0f32; m * n];
-        for (t, strip) in strips.iter().enumerate() {
-            let first = t * ROWS_PER_TASK;
-            let count = strip.len() / m.max(1);
-            for i in 0..m {
-                out[i * n + first..i * n + first + count]
-                    .copy_from_slice(&strip[i * count..(i + 1) * count]);
-            }
-        }
-        out
+        by_weight_rows(m, self.rows, ROWS_PER_TASK, true, |first, count, strip| {
+            self.strip(&input, first, count, wide, strip)
+        })
     }
 
     /// Weight rows `first..first + count` against every input row, into `strip` `[m, count]`:
@@ -177,26 +160,6 @@ unsafe fn tile_avx2(
         }
     }
     acc.map(|row| row.map(|v| unsafe { hsum(v) }))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
-}
-
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Σ_blocks ws·xs·Σ w·a of one weight row and one input row.

@@ -1,0 +1,61 @@
+//! What the few-row matmuls (`f32_rows`, `q8_matmul`) share: the split of a product `[m, n]`
+//! into tasks over weight rows, and the AVX2 pieces.
+
+use rayon::prelude::*;
+
+/// `[m, n]` from tasks that each fill a column strip `[m, count]` for weight rows
+/// `first..first + count` (`fill(first, count, strip)`), `rows_per_task` at a time, on rayon's
+/// threads when `parallel`; the strips are then laid side by side.
+pub(super) fn by_weight_rows(
+    m: usize,
+    n: usize,
+    rows_per_task: usize,
+    parallel: bool,
+    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let strip = |t: usize| {
+        let first = t * rows_per_task;
+        let count = rows_per_task.min(n - first);
+        let mut strip = vec![0f32; m * count];
+        fill(first, count, &mut strip);
+        strip
+    };
+    let tasks = n.div_ceil(rows_per_task);
+    let strips: Vec<Vec<f32>> = if parallel {
+        (0..tasks).into_par_iter().map(strip).collect()
+    } else {
+        (0..tasks).map(strip).collect()
+    };
+    let mut out = vec![0f32; m * n];
+    for (t, strip) in strips.iter().enumerate() {
+        let first = t * rows_per_task;
+        let count = strip.len() / m.max(1);
+        for i in 0..m {
+            out[i * n + first..i * n + first + count]
+                .copy_from_slice(&strip[i * count..(i + 1) * count]);
+        }
+    }
+    out
+}
+
+/// Whether this CPU runs the AVX2 + FMA kernels.
+pub(super) fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The sum of a vector's 8 lanes, in a fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+}
