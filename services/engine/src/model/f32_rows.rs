@@ -245,19 +245,14 @@ fn dot(wide: bool, w: &[f32], a: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::q8_matmul::tests::values;
-    use candle_core::Device;
-
-    fn tensor(rows: usize, cols: usize, seed: u32) -> Tensor {
-        Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap()
-    }
+    use crate::model::test_support::{assert_rows_independent_of_batch, matrix};
 
     #[test]
     fn the_product_equals_candles_matmul() {
         // 131 weight rows span three tasks, the last with an odd count; 7 input rows leave
         // three outside the 4-row tiles; 260 columns leave a tail of 4 past the last vector.
         let (m, n, k) = (7, 131, 260);
-        let (x, w) = (tensor(m, k, 1), tensor(n, k, 2));
+        let (x, w) = (matrix(m, k, 1), matrix(n, k, 2));
         let got = matmul_t(&x, &w)
             .unwrap()
             .expect("7 rows of f32 take this path");
@@ -276,21 +271,13 @@ mod tests {
     #[test]
     fn a_row_gives_the_same_outputs_alone_as_in_a_batch() {
         let (m, n, k) = (9, 150, 256);
-        let (x, w) = (tensor(m, k, 3), tensor(n, k, 4));
-        let batch = matmul_t(&x, &w).unwrap().unwrap().to_vec2::<f32>().unwrap();
-        for (i, row) in batch.iter().enumerate() {
-            let alone = matmul_t(&x.narrow(0, i, 1).unwrap(), &w)
-                .unwrap()
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            assert_eq!(&alone[0], row, "row {i}");
-        }
+        let (x, w) = (matrix(m, k, 3), matrix(n, k, 4));
+        assert_rows_independent_of_batch(&x, |x| matmul_t(x, &w).unwrap().unwrap());
     }
 
     #[test]
     fn leading_dimensions_are_kept() {
-        let (x, w) = (tensor(6, 64, 5), tensor(10, 64, 6));
+        let (x, w) = (matrix(6, 64, 5), matrix(10, 64, 6));
         let x3 = x.reshape((2, 3, 64)).unwrap();
         let got = matmul_t(&x3, &w).unwrap().unwrap();
         assert_eq!(got.dims(), [2, 3, 10]);
@@ -303,12 +290,12 @@ mod tests {
 
     #[test]
     fn many_rows_and_trainable_weights_keep_candles_matmul() {
-        let w = tensor(8, 32, 7);
-        assert!(matmul_t(&tensor(MAX_ROWS + 1, 32, 8), &w)
+        let w = matrix(8, 32, 7);
+        assert!(matmul_t(&matrix(MAX_ROWS + 1, 32, 8), &w)
             .unwrap()
             .is_none());
         let var = candle_core::Var::from_tensor(&w).unwrap();
-        assert!(matmul_t(&tensor(2, 32, 9), var.as_tensor())
+        assert!(matmul_t(&matrix(2, 32, 9), var.as_tensor())
             .unwrap()
             .is_none());
     }

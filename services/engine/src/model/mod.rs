@@ -14,6 +14,8 @@ mod paged;
 mod q8_matmul;
 mod row_tasks;
 pub(crate) mod source;
+#[cfg(test)]
+mod test_support;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};

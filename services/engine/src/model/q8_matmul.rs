@@ -211,21 +211,9 @@ unsafe fn dot_avx2(w: &[i8], ws: &[f32], a: &[i8], xs: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// Deterministic values in [-1, 1] (xorshift).
-    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::test_support::values;
 
     fn dequantized(q: &Q8Rows) -> Vec<f32> {
         q.qs.iter()

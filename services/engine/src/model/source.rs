@@ -191,27 +191,16 @@ impl WeightSource for Safetensors<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::q8_matmul::tests::values;
-    use candle_core::Device;
+    use crate::model::test_support::{assert_rows_independent_of_batch, matrix};
 
     #[test]
     fn a_q5_0_row_gives_the_same_output_alone_as_in_a_batch() {
         // One row and a few rows take the same 8-bit path for a format candle has no SIMD dot
         // for, so a sequence's logits do not depend on how many others share its forward.
         let (out, inp, m) = (48, 256, 5);
-        let w = Tensor::from_vec(values(out * inp, 1), (out, inp), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        let q = QTensor::quantize(&matrix(out, inp, 1), GgmlDType::Q5_0).unwrap();
         let proj = Proj::quantized(q, None).unwrap();
-        let x = Tensor::from_vec(values(m * inp, 2), (m, inp), &Device::Cpu).unwrap();
-        let batch = proj.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-        for (i, row) in batch.iter().enumerate() {
-            let alone = proj
-                .forward(&x.narrow(0, i, 1).unwrap())
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            assert_eq!(&alone[0], row, "row {i}");
-        }
+        assert_rows_independent_of_batch(&matrix(m, inp, 2), |x| proj.forward(x).unwrap());
     }
 
     #[test]
