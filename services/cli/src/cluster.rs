@@ -226,6 +226,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 listen: args.listen,
                 etcd: etcd_list(&args.etcd),
                 scheduler: args.scheduler,
+                local_scheduler: None,
                 api_keys: args.api_keys,
             },
             shutdown,

@@ -1,5 +1,7 @@
 //! `sdlm serve`: gateway + scheduler + one worker in one process, with static discovery and no
-//! etcd. The same code as the separate processes, talking gRPC over loopback.
+//! etcd. The same services as the separate processes; between them, each calls the next one's
+//! gRPC server directly (`sdlm_runtime::Link::Local`) instead of over loopback. The scheduler and
+//! the worker still listen, for health checks and for tools.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -83,6 +85,9 @@ pub async fn start_stack(
 
     let mut scheduler = sdlm_scheduler::SchedulerConfig::new(LOOPBACK);
     scheduler.workers = vec![worker.addr.to_string()];
+    scheduler
+        .local_workers
+        .insert(worker.addr.to_string(), worker.link.clone());
     scheduler.max_queue = max_queue;
     let scheduler = sdlm_scheduler::start(scheduler, shutdown.clone()).await?;
     if !scheduler
@@ -96,7 +101,8 @@ pub async fn start_stack(
         sdlm_gateway::GatewayConfig {
             listen,
             etcd: Vec::new(),
-            scheduler: Some(scheduler.addr.to_string()),
+            scheduler: None,
+            local_scheduler: Some(scheduler.link.clone()),
             api_keys,
         },
         shutdown,

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sdlm_proto::v1::generation_server::GenerationServer;
+use sdlm_runtime::Link;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +43,9 @@ pub struct GatewayConfig {
     pub etcd: Vec<String>,
     /// A fixed scheduler address (without etcd).
     pub scheduler: Option<String>,
+    /// The scheduler in this process (`sdlm serve`), called directly; takes the place of
+    /// `scheduler`.
+    pub local_scheduler: Option<Link>,
     pub api_keys: Option<PathBuf>,
 }
 
@@ -55,21 +59,26 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<StartedGateway, GatewayError> {
     let mut leader_known = None;
-    let upstream = match (&config.scheduler, config.etcd.is_empty()) {
-        (Some(addr), true) => Upstream::Fixed(addr.clone()),
-        (None, false) => {
+    let upstream = match (
+        &config.local_scheduler,
+        &config.scheduler,
+        config.etcd.is_empty(),
+    ) {
+        (Some(link), None, true) => Upstream::Local(link.clone()),
+        (None, Some(addr), true) => Upstream::Fixed(addr.clone()),
+        (None, None, false) => {
             let (leader, _task) = sdlm_runtime::etcd::follow_leader(config.etcd.clone());
             leader_known = Some(leader.clone());
             Upstream::Leader(leader)
         }
-        (Some(_), false) => {
-            return Err(GatewayError::Config(
-                "give either --scheduler or --etcd, not both".into(),
-            ))
-        }
-        (None, true) => {
+        (None, None, true) => {
             return Err(GatewayError::Config(
                 "give --scheduler ADDR or --etcd URLS: the gateway needs a scheduler".into(),
+            ))
+        }
+        _ => {
+            return Err(GatewayError::Config(
+                "give one way to reach the scheduler: --scheduler or --etcd, not both".into(),
             ))
         }
     };

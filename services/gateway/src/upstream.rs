@@ -1,16 +1,18 @@
-//! Which scheduler to call: a fixed address, or the etcd election's current leader (followed in
-//! the background). Channels are kept per address and reused.
+//! Which scheduler to call: one in this process, a fixed address, or the etcd election's
+//! current leader (followed in the background). Channels are kept per address and reused.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use sdlm_proto::v1::scheduler_client::SchedulerClient;
+use sdlm_runtime::Link;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 pub enum Upstream {
+    Local(Link),
     Fixed(String),
     Leader(watch::Receiver<Option<String>>),
 }
@@ -29,8 +31,9 @@ impl Schedulers {
     }
 
     /// A client for the scheduler to use now.
-    pub fn client(&self) -> Result<SchedulerClient<Channel>, Status> {
+    pub fn client(&self) -> Result<SchedulerClient<Link>, Status> {
         let addr = match &self.upstream {
+            Upstream::Local(link) => return Ok(Self::client_over(link.clone())),
             Upstream::Fixed(a) => a.clone(),
             Upstream::Leader(rx) => rx
                 .borrow()
@@ -53,7 +56,11 @@ impl Schedulers {
                 c
             }
         };
-        Ok(SchedulerClient::new(channel).max_decoding_message_size(64 << 20))
+        Ok(Self::client_over(Link::Net(channel)))
+    }
+
+    fn client_over(link: Link) -> SchedulerClient<Link> {
+        SchedulerClient::new(link).max_decoding_message_size(64 << 20)
     }
 
     /// Waits (briefly) for the followed leader to change, after the current one failed.

@@ -15,9 +15,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// The metadata key of W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
 
-/// Keeps the tracer alive; flushes and stops the exporter when dropped.
+/// Keeps the tracer alive; flushes and stops the exporter, then the log writer, when dropped.
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    _log_writer: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl Drop for Telemetry {
@@ -26,7 +27,8 @@ impl Drop for Telemetry {
     }
 }
 
-/// Logs to stderr, filtered by `SDLM_LOG` (default `info`), e.g. `SDLM_LOG=sdlm_scheduler=debug`;
+/// Logs to stderr (from a writer thread: a request's log line costs its task a queue push, not
+/// a write to a pipe), filtered by `SDLM_LOG` (default `info`), e.g. `SDLM_LOG=sdlm_scheduler=debug`;
 /// spans of `service` exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Call it once per
 /// process, inside the tokio runtime (the exporter and its batches live there), and keep the
 /// value: dropping it stops the tracer the process-wide subscriber uses.
@@ -59,16 +61,22 @@ pub fn init_telemetry(service: &str) -> Telemetry {
     let provider = provider.build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("sdlm"));
-    // A second initialisation (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry()
+    // Blocks rather than drops a line when the writer falls behind.
+    let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("sdlm-log")
+        .finish(std::io::stderr());
+    // A second initialisation (tests) keeps the first subscriber and its writer.
+    let installed = tracing_subscriber::registry()
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(writer)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .with(otel)
-        .try_init();
+        .try_init()
+        .is_ok();
     match (&endpoint, export_error) {
         (Some(e), None) => tracing::info!(endpoint = e, "exporting spans over OTLP"),
         (Some(e), Some(err)) => {
@@ -80,7 +88,10 @@ pub fn init_telemetry(service: &str) -> Telemetry {
         }
         (None, _) => {}
     }
-    Telemetry { provider }
+    Telemetry {
+        provider,
+        _log_writer: installed.then_some(log_writer),
+    }
 }
 
 struct MetadataExtractor<'a>(&'a MetadataMap);

@@ -9,12 +9,13 @@ mod pool;
 mod sequence;
 mod service;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use sdlm_proto::v1::scheduler_server::SchedulerServer;
 use sdlm_runtime::etcd::{campaign, follow_prefix, WorkerRecord, WORKERS_PREFIX};
+use sdlm_runtime::Link;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +46,9 @@ pub struct SchedulerConfig {
     pub etcd: Vec<String>,
     /// Static worker addresses (without etcd).
     pub workers: Vec<String>,
+    /// Workers in this process (`sdlm serve`), by their address in `workers`: called directly
+    /// rather than dialled.
+    pub local_workers: HashMap<String, Link>,
     /// Sequences that may wait for room; more get RESOURCE_EXHAUSTED.
     pub max_queue: usize,
     pub patience: Patience,
@@ -59,6 +63,7 @@ impl SchedulerConfig {
             advertise: None,
             etcd: Vec::new(),
             workers: Vec::new(),
+            local_workers: HashMap::new(),
             max_queue: 256,
             patience: Patience {
                 queue_timeout: Duration::from_secs(60),
@@ -72,6 +77,8 @@ impl SchedulerConfig {
 
 pub struct StartedScheduler {
     pub addr: SocketAddr,
+    /// The scheduler service, for a gateway in this process to call directly.
+    pub link: Link,
     pub task: JoinHandle<Result<(), SchedulerError>>,
     pool: std::sync::Arc<pool::WorkerPool>,
 }
@@ -107,7 +114,7 @@ pub async fn start(
             "give --etcd or --workers: the scheduler needs a way to find workers".into(),
         ));
     }
-    let pool = pool::WorkerPool::new(config.probing);
+    let pool = pool::WorkerPool::new(config.probing, config.local_workers.clone());
     let bound = sdlm_runtime::bind(config.listen)
         .await
         .map_err(|source| SchedulerError::Bind {
@@ -150,12 +157,18 @@ pub async fn start(
         Some(leading)
     };
 
-    let service = service::SchedulerService {
+    let service = std::sync::Arc::new(service::SchedulerService {
         pool: std::sync::Arc::clone(&pool),
         queue: sequence::Queue::new(config.max_queue),
         patience: config.patience,
         leading,
+    });
+    let server = |service| {
+        SchedulerServer::from_arc(service)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
     };
+    let link = Link::local(server(std::sync::Arc::clone(&service)));
     let (health, health_service) = sdlm_runtime::health_service();
     health
         .set_serving::<SchedulerServer<service::SchedulerService>>()
@@ -163,11 +176,7 @@ pub async fn start(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(sdlm_runtime::reflection_service())
-        .add_service(
-            SchedulerServer::new(service)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-        )
+        .add_service(server(service))
         .serve_with_incoming_shutdown(bound.incoming, shutdown.cancelled_owned());
     tracing::info!(%addr, advertise, "scheduler serving");
     let task = tokio::spawn(async move {
@@ -177,5 +186,10 @@ pub async fn start(
         }
         served.map_err(SchedulerError::from)
     });
-    Ok(StartedScheduler { addr, task, pool })
+    Ok(StartedScheduler {
+        addr,
+        link,
+        task,
+        pool,
+    })
 }

@@ -3,16 +3,17 @@
 //! out), or at once when a sequence's stream to it breaks; a later good probe revives it.
 //! Sequences placed on a worker watch its `alive` flag and move when it drops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sdlm_proto::v1::worker_client::WorkerClient;
 use sdlm_proto::v1::{CapacityReport, CapacityRequest, DescribeRequest, WorkerInfo};
+use sdlm_runtime::Link;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Probing {
@@ -35,7 +36,7 @@ impl Default for Probing {
 pub struct WorkerSlot {
     pub id: String,
     pub addr: String,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerClient<Link>,
     pub info: Mutex<Option<WorkerInfo>>,
     pub capacity: Mutex<Option<CapacityReport>>,
     /// Pages this scheduler has reserved on the worker for sequences it placed there.
@@ -84,12 +85,15 @@ pub struct WorkerPool {
     /// Woken whenever capacity may have grown (a probe, a sequence leaving, a new worker).
     pub changed: Notify,
     probing: Mutex<Probing>,
+    /// Workers in this process (`sdlm serve`), by address: called directly, not dialled.
+    local: HashMap<String, Link>,
 }
 
 impl WorkerPool {
-    pub fn new(probing: Probing) -> Arc<Self> {
+    pub fn new(probing: Probing, local: HashMap<String, Link>) -> Arc<Self> {
         Arc::new(Self {
             probing: Mutex::new(probing),
+            local,
             ..Self::default()
         })
     }
@@ -118,15 +122,11 @@ impl WorkerPool {
             if slots.contains_key(id) {
                 continue;
             }
-            let Ok(endpoint) = Endpoint::from_shared(format!("http://{addr}")) else {
+            let Some(link) = self.link_to(addr) else {
                 tracing::warn!(worker = id, addr, "not a valid worker address; ignored");
                 continue;
             };
-            let channel = endpoint
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .connect_lazy();
-            let client = WorkerClient::new(channel).max_decoding_message_size(64 << 20);
+            let client = WorkerClient::new(link).max_decoding_message_size(64 << 20);
             let slot = Arc::new(WorkerSlot {
                 id: id.clone(),
                 addr: addr.clone(),
@@ -153,6 +153,20 @@ impl WorkerPool {
         }
         drop(slots);
         self.publish();
+    }
+
+    /// The local link for `addr`, or a lazily connected channel to it.
+    fn link_to(&self, addr: &str) -> Option<Link> {
+        if let Some(link) = self.local.get(addr) {
+            return Some(link.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}")).ok()?;
+        Some(Link::Net(
+            endpoint
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .connect_lazy(),
+        ))
     }
 
     /// Updates `workers_live` and wakes waiting sequences.

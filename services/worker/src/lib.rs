@@ -17,6 +17,7 @@ use sdlm_engine::decode::ModelLimits;
 use sdlm_engine::{open_model, Device};
 use sdlm_proto::v1::worker_server::WorkerServer;
 use sdlm_runtime::etcd::{LeasedKey, WorkerRecord, WORKERS_PREFIX};
+use sdlm_runtime::Link;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -93,6 +94,8 @@ pub fn model_name_of(path: &std::path::Path) -> String {
 pub struct StartedWorker {
     pub addr: SocketAddr,
     pub id: String,
+    /// The worker service, for a scheduler in this process to call directly.
+    pub link: Link,
     pub task: JoinHandle<Result<(), WorkerError>>,
 }
 
@@ -138,7 +141,7 @@ pub async fn start(
         },
     ));
     let draining = Arc::new(AtomicBool::new(false));
-    let service = service::WorkerService {
+    let service = Arc::new(service::WorkerService {
         id: id.clone(),
         model_name: model_name.clone(),
         limits,
@@ -147,7 +150,13 @@ pub async fn start(
         engine: Arc::clone(&engine),
         pages: Arc::clone(&pages),
         draining: Arc::clone(&draining),
+    });
+    let server = |service| {
+        WorkerServer::from_arc(service)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
     };
+    let link = Link::local(server(Arc::clone(&service)));
 
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
     let (health, health_service) = sdlm_runtime::health_service();
@@ -158,11 +167,7 @@ pub async fn start(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(sdlm_runtime::reflection_service())
-        .add_service(
-            WorkerServer::new(service)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-        )
+        .add_service(server(service))
         .serve_with_incoming_shutdown(bound.incoming, stop_serving.clone().cancelled_owned());
 
     let registration = (!config.etcd.is_empty()).then(|| {
@@ -215,5 +220,10 @@ pub async fn start(
         tracing::info!(id = worker_id, "worker stopped");
         served.map_err(WorkerError::from)
     });
-    Ok(StartedWorker { addr, id, task })
+    Ok(StartedWorker {
+        addr,
+        id,
+        link,
+        task,
+    })
 }
