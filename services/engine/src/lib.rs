@@ -10,6 +10,7 @@ pub mod kv;
 mod mask;
 mod model;
 mod perplexity;
+mod simd;
 mod tokenizer;
 mod weights;
 

@@ -2,11 +2,16 @@
 //! an open diffusion block, or one AR token) attend to that sequence's committed tokens in the
 //! cache pages and to the new tokens their query-block rule allows. The math and the layouts are
 //! `sdlm_kernels::reference::paged_attention`'s (and so the CUDA kernel's); this one splits the
-//! work across threads, one query token (all its heads) per task, and uses an online softmax so
-//! that nothing is allocated per token: each thread reuses one accumulator.
+//! work across threads, one query token (all its heads) per task, so that a token's output does
+//! not depend on the rest of the batch. Per head it scores every key the token sees (lane-split
+//! dot products), takes the softmax of those scores in a buffer each thread reuses, then sums
+//! the value rows: nothing is allocated per token, and the loops vectorise (an AVX2 build is
+//! picked at run time; both builds round alike, `crate::simd`).
 
 use rayon::prelude::*;
 use sdlm_kernels::{AttentionShape, KernelError, RaggedBatch};
+
+use crate::simd::{axpy, dispatch, dot, wide_simd, Build};
 
 /// `out[t, h] = softmax(scale · q[t, h] · K) V`, as the reference; f32 throughout.
 #[allow(clippy::too_many_arguments)]
@@ -38,66 +43,122 @@ pub fn paged_attention(
         let len = (batch.query_starts[s + 1] - batch.query_starts[s]) as usize;
         seq_of.extend(std::iter::repeat_n(s, len));
     }
-    let group = shape.group();
-    out.par_chunks_mut(h * d).enumerate().for_each_init(
-        || vec![0f32; d],
-        |acc, (token, out_row)| {
+    let wide = wide_simd();
+    out.par_chunks_mut(h * d)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (token, out_row)| {
             let s = seq_of[token];
             let q0 = batch.query_starts[s] as usize;
             let qlen = batch.query_starts[s + 1] as usize - q0;
             let ctx = batch.context_lens[s] as usize;
             let qblock = batch.query_blocks[s] as usize;
-            let table = &batch.block_tables[s * batch.max_pages_per_seq..];
             let i = token - q0;
-            let keys = ctx + ((i / qblock + 1) * qblock).min(qlen);
+            let keys = Keys {
+                shape,
+                table: &batch.block_tables[s * batch.max_pages_per_seq..],
+                cached: ctx,
+                seen: ctx + ((i / qblock + 1) * qblock).min(qlen),
+                first_new: q0,
+                pages: (k_pages, v_pages),
+                new: (k_new, v_new),
+            };
+            let q_row = &q[token * h * d..][..h * d];
+            dispatch!(wide, keys.attend(q_row, scale, out_row, scores));
+        });
+    Ok(())
+}
+
+/// The keys (and values) one query token sees, in order: its sequence's cached tokens through
+/// the block table, then the batch's new tokens of that sequence its query block allows.
+struct Keys<'a> {
+    shape: &'a AttentionShape,
+    table: &'a [i32],
+    cached: usize,
+    seen: usize,
+    /// The batch row of the sequence's first new token.
+    first_new: usize,
+    pages: (&'a [f32], &'a [f32]),
+    new: (&'a [f32], &'a [f32]),
+}
+
+impl Keys<'_> {
+    /// Calls `f(t, k, v)` for each key `t` of kv head `kv`, walking the pages rather than
+    /// dividing per key.
+    #[inline(always)]
+    fn each(&self, kv: usize, mut f: impl FnMut(usize, &[f32], &[f32])) {
+        let (kvh, d, page) = (
+            self.shape.num_kv_heads,
+            self.shape.head_dim,
+            self.shape.page_size,
+        );
+        let (k_pages, v_pages) = self.pages;
+        let mut t = 0;
+        for &id in self.table {
+            if t >= self.cached {
+                break;
+            }
+            let n = page.min(self.cached - t);
+            for r in 0..n {
+                let at = ((id as usize * page + r) * kvh + kv) * d;
+                f(t + r, &k_pages[at..][..d], &v_pages[at..][..d]);
+            }
+            t += n;
+        }
+        let (k_new, v_new) = self.new;
+        for t in self.cached..self.seen {
+            let at = ((self.first_new + t - self.cached) * kvh + kv) * d;
+            f(t, &k_new[at..][..d], &v_new[at..][..d]);
+        }
+    }
+
+    /// One token's output row (all heads) from its query row.
+    ///
+    /// # Safety
+    /// The CPU must have `B`'s features.
+    #[inline(always)]
+    unsafe fn attend<B: Build>(
+        &self,
+        q_row: &[f32],
+        scale: f32,
+        out_row: &mut [f32],
+        scores: &mut Vec<f32>,
+    ) {
+        scores.resize(self.seen, 0.0);
+        let (h, d) = (self.shape.num_heads, self.shape.head_dim);
+        let group = self.shape.group();
+        B::run(|| {
             for head in 0..h {
                 let kv = head / group;
-                let qrow = &q[(token * h + head) * d..][..d];
-                acc.fill(0.0);
-                let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-                for t in 0..keys {
-                    let (k_src, v_src, off) = if t < ctx {
-                        let page = table[t / shape.page_size] as usize;
-                        let slot = page * shape.page_size + t % shape.page_size;
-                        (k_pages, v_pages, slot * kvh * d)
-                    } else {
-                        (k_new, v_new, (q0 + t - ctx) * kvh * d)
-                    };
-                    let krow = &k_src[off + kv * d..][..d];
-                    let vrow = &v_src[off + kv * d..][..d];
-                    let score = scale * qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>();
-                    // Online softmax: rescale what has been summed when the maximum grows.
-                    if score > max {
-                        let r = (max - score).exp();
-                        sum *= r;
-                        acc.iter_mut().for_each(|a| *a *= r);
-                        max = score;
-                    }
-                    let p = (score - max).exp();
-                    sum += p;
-                    for (a, v) in acc.iter_mut().zip(vrow) {
-                        *a += p * v;
-                    }
+                let q = &q_row[head * d..][..d];
+                self.each(kv, |t, k, _| scores[t] = scale * dot(q, k));
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
                 }
-                for (o, a) in out_row[head * d..][..d].iter_mut().zip(acc.iter()) {
-                    *o = a / sum;
+                let o = &mut out_row[head * d..][..d];
+                o.fill(0.0);
+                self.each(kv, |t, _, v| axpy(o, scores[t], v));
+                for x in o.iter_mut() {
+                    *x /= sum;
                 }
             }
-        },
-    );
-    Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simd::Portable;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     /// Random ragged batches (prefill chunks, diffusion blocks, single AR rows; pages scattered)
-    /// give the reference's outputs.
+    /// give the reference's outputs, and the portable and AVX2 builds give the same bits.
     #[test]
-    fn matches_the_reference_on_random_ragged_batches() {
+    fn matches_the_reference_on_random_ragged_batches_in_both_builds() {
         let mut rng = StdRng::seed_from_u64(7);
         for _ in 0..20 {
             let shape = AttentionShape {
@@ -150,6 +211,37 @@ mod tests {
             .unwrap();
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5, "{g} vs {w} ({shape:?})");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::simd::wide_simd() {
+                // The first sequence's tokens in the portable and the AVX2 build: bit for bit.
+                let (h, d) = (shape.num_heads, shape.head_dim);
+                for token in 0..starts[1] as usize {
+                    let keys = Keys {
+                        shape: &shape,
+                        table: &ids,
+                        cached: ctx[0] as usize,
+                        seen: ctx[0] as usize
+                            + ((token / qb[0] as usize + 1) * qb[0] as usize)
+                                .min(starts[1] as usize),
+                        first_new: 0,
+                        pages: (&k_pages, &v_pages),
+                        new: (&k_new, &v_new),
+                    };
+                    let q_row = &q[token * h * d..][..h * d];
+                    let (mut portable, mut wide) = (vec![0f32; h * d], vec![0f32; h * d]);
+                    let mut scores = Vec::new();
+                    // SAFETY: the AVX2 build runs only where the CPU reports AVX2.
+                    unsafe {
+                        keys.attend::<Portable>(q_row, 0.25, &mut portable, &mut scores);
+                        keys.attend::<crate::simd::Avx2>(q_row, 0.25, &mut wide, &mut scores);
+                    }
+                    assert!(portable
+                        .iter()
+                        .zip(&wide)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
+                    assert_eq!(portable, got[token * h * d..][..h * d]);
+                }
             }
         }
     }

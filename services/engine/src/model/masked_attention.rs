@@ -14,6 +14,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::simd::{axpy, dispatch, dot, wide_simd, Build};
+
 /// The mask as the op needs it: the additive values, and per query row the spans of keys whose
 /// value is finite (the only keys that row attends to).
 struct RowMask {
@@ -223,75 +225,6 @@ impl<'a> Task<'a> {
     }
 }
 
-/// Whether this CPU runs the 8-lane AVX2 build of the row loops.
-fn wide_simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Calls a task method through its AVX2 build when `wide`, else the portable one. Both add in
-/// the same order and neither fuses multiply-adds, so they give bit-identical results.
-macro_rules! dispatch {
-    ($wide:expr, $op:ident . $method:ident ($($arg:expr),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            if $wide {
-                // SAFETY: `wide` is true only where the CPU reports AVX2.
-                unsafe { $op.$method::<Avx2>($($arg),*) }
-            } else {
-                // SAFETY: the portable build needs nothing of the CPU.
-                unsafe { $op.$method::<Portable>($($arg),*) }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = $wide;
-            // SAFETY: the portable build needs nothing of the CPU.
-            unsafe { $op.$method::<Portable>($($arg),*) }
-        }
-    }};
-}
-
-/// A build of the row loops: the body is the same, inlined into a function compiled with or
-/// without AVX2.
-trait Build {
-    /// # Safety
-    /// The CPU must have the build's features.
-    unsafe fn run(f: impl FnOnce());
-}
-
-struct Portable;
-
-impl Build for Portable {
-    #[inline(always)]
-    unsafe fn run(f: impl FnOnce()) {
-        f()
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Avx2;
-
-#[cfg(target_arch = "x86_64")]
-impl Build for Avx2 {
-    #[inline(always)]
-    unsafe fn run(f: impl FnOnce()) {
-        #[target_feature(enable = "avx2")]
-        #[inline]
-        fn with_avx2(f: impl FnOnce()) {
-            f()
-        }
-        // SAFETY: the caller promises AVX2.
-        unsafe { with_avx2(f) }
-    }
-}
-
 impl MaskedAttention {
     /// Output rows of one (sequence, kv head): `out` is its group's `[group, rows, dim]`.
     ///
@@ -402,34 +335,6 @@ impl MaskedAttention {
                 },
             );
         (dq, dk, dv)
-    }
-}
-
-/// Lanes the compiler keeps in independent registers, so that the reductions vectorise.
-const LANES: usize = 16;
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
     }
 }
 
