@@ -163,12 +163,12 @@ pub async fn start(
         patience: config.patience,
         leading,
     });
-    let server = |service| {
+    let scheduler_server = |service| {
         SchedulerServer::from_arc(service)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     };
-    let link = Link::local(server(std::sync::Arc::clone(&service)));
+    let link = Link::local(scheduler_server(std::sync::Arc::clone(&service)));
     let (health, health_service) = sdlm_runtime::health_service();
     health
         .set_serving::<SchedulerServer<service::SchedulerService>>()
@@ -176,7 +176,7 @@ pub async fn start(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(sdlm_runtime::reflection_service())
-        .add_service(server(service))
+        .add_service(scheduler_server(service))
         .serve_with_incoming_shutdown(bound.incoming, shutdown.cancelled_owned());
     tracing::info!(%addr, advertise, "scheduler serving");
     let task = tokio::spawn(async move {

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use sdlm_engine::decode::{DecodeStats, DecodingParams, SeqId, StepBatcher, StepOutput};
@@ -63,9 +63,11 @@ pub struct EngineLimits {
 }
 
 pub struct Engine {
-    jobs: mpsc::Sender<Job>,
+    /// None once stopped. Behind locks so that `stop` needs no unique owner: in `sdlm serve`
+    /// the scheduler's link to the worker service (and so to this engine) outlives the server.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
     pub state: Arc<EngineState>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Engine {
@@ -92,9 +94,9 @@ impl Engine {
             })
             .ok();
         Self {
-            jobs,
+            jobs: Mutex::new(Some(jobs)),
             state,
-            thread,
+            thread: Mutex::new(thread),
         }
     }
 
@@ -102,18 +104,25 @@ impl Engine {
     pub fn submit(&self, job: Job) -> Result<(), Status> {
         self.state.queued.fetch_add(1, Ordering::SeqCst);
         sdlm_runtime::metrics().queue_depth.inc();
-        self.jobs.send(job).map_err(|_| {
+        let sent = match self.jobs.lock() {
+            Ok(jobs) => jobs.as_ref().map(|j| j.send(job).is_ok()),
+            Err(_) => None,
+        };
+        if sent != Some(true) {
             self.state.queued.fetch_sub(1, Ordering::SeqCst);
             sdlm_runtime::metrics().queue_depth.dec();
-            Status::internal("the engine thread has stopped")
-        })
+            return Err(Status::internal("the engine thread has stopped"));
+        }
+        Ok(())
     }
 
     /// Closes the queue and waits for the thread to finish what it runs.
-    pub fn stop(mut self) {
-        let (closed, _) = mpsc::channel();
-        self.jobs = closed;
-        if let Some(t) = self.thread.take() {
+    pub fn stop(&self) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.take();
+        }
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }

@@ -151,12 +151,12 @@ pub async fn start(
         pages: Arc::clone(&pages),
         draining: Arc::clone(&draining),
     });
-    let server = |service| {
+    let worker_server = |service| {
         WorkerServer::from_arc(service)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     };
-    let link = Link::local(server(Arc::clone(&service)));
+    let link = Link::local(worker_server(Arc::clone(&service)));
 
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
     let (health, health_service) = sdlm_runtime::health_service();
@@ -167,7 +167,7 @@ pub async fn start(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(sdlm_runtime::reflection_service())
-        .add_service(server(service))
+        .add_service(worker_server(service))
         .serve_with_incoming_shutdown(bound.incoming, stop_serving.clone().cancelled_owned());
 
     let registration = (!config.etcd.is_empty()).then(|| {
@@ -214,9 +214,7 @@ pub async fn start(
         }
         stop_serving.cancel();
         let served = server.await?;
-        if let Ok(engine) = Arc::try_unwrap(engine) {
-            tokio::task::spawn_blocking(move || engine.stop()).await?;
-        }
+        tokio::task::spawn_blocking(move || engine.stop()).await?;
         tracing::info!(id = worker_id, "worker stopped");
         served.map_err(WorkerError::from)
     });
