@@ -7,8 +7,7 @@
 //! every call: profiled on the shipped model, a 4-row forward spent 57% of its time in that
 //! packing and 10% in the multiply. Here the weight rows are read as they lie (each is the
 //! contiguous `in` values one output needs): a task takes a few weight rows and dots each with
-//! every input row while they are in L1, in AVX2 tiles of 4 inputs × 2 weights (1 × 8 for the
-//! input rows left over).
+//! every input row, in AVX2 tiles of 4 inputs × 3 weights (1 × 8 for the input rows left over).
 //!
 //! A row's outputs do not depend on the rows beside it: a tile and the edges compute each dot
 //! product with the same operations in the same order, so batched decoding gives each sequence
@@ -104,9 +103,11 @@ fn product(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
 }
 
 /// Every input row against the `count` weight rows `w [count, k]`, into `strip [m, count]`:
-/// bands of 4 input rows take the weights in pairs (8 accumulators; each weight vector loaded
-/// once for 4 rows), the input rows left over take them 8 at a time (8 independent chains, so
-/// one row is not held up by the latency of a single chain of fused multiply-adds).
+/// each band of 4 input rows stays in L1 while the weight rows pass by [`TILE_WEIGHTS`] at a
+/// time (12 accumulators, 3 weight vectors and an input vector: the 16 AVX2 registers; each
+/// weight vector loaded once for 4 rows, each input vector once for 3 weights); the input rows
+/// left over take the weights 8 at a time (8 independent chains, so one row is not held up by
+/// the latency of a single chain of fused multiply-adds).
 fn fill_strip(
     x: &[f32],
     m: usize,
@@ -123,19 +124,19 @@ fn fill_strip(
     #[cfg(target_arch = "x86_64")]
     if wide {
         banded = m - m % 4;
-        while j0 + 2 <= count {
-            for i0 in (0..banded).step_by(4) {
-                let ws = std::array::from_fn(|j| weight(j0 + j));
-                let xs = std::array::from_fn(|i| input(i0 + i));
+        j0 = count - count % TILE_WEIGHTS;
+        for i0 in (0..banded).step_by(4) {
+            let xs = std::array::from_fn(|i| input(i0 + i));
+            for j in (0..j0).step_by(TILE_WEIGHTS) {
+                let ws = std::array::from_fn(|t| weight(j + t));
                 // SAFETY: `wide` is true only where the CPU has AVX2 and FMA.
-                let tile: [[f32; 2]; 4] = unsafe { tile_avx2(ws, xs) };
+                let tile: [[f32; TILE_WEIGHTS]; 4] = unsafe { tile_avx2(ws, xs) };
                 for (i, row) in tile.iter().enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        put(i0 + i, j0 + j, v);
+                    for (t, &v) in row.iter().enumerate() {
+                        put(i0 + i, j + t, v);
                     }
                 }
             }
-            j0 += 2;
         }
         for i in banded..m {
             let mut j = 0;
@@ -168,6 +169,9 @@ fn fill_strip(
         }
     }
 }
+
+/// Weight rows in a tile beside a band of 4 input rows.
+const TILE_WEIGHTS: usize = 3;
 
 /// Lanes of one AVX2 f32 vector.
 const LANES: usize = 8;
