@@ -5,12 +5,22 @@
 
 /// Whether this CPU runs the 8-lane AVX2 build.
 pub(crate) fn wide_simd() -> bool {
+    has_x86(false)
+}
+
+/// Whether this CPU runs the hand-written AVX2 + FMA kernels (the few-row matmuls).
+pub(crate) fn avx2_fma() -> bool {
+    has_x86(true)
+}
+
+fn has_x86(fma: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2")
+        is_x86_feature_detected!("avx2") && (!fma || is_x86_feature_detected!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = fma;
         false
     }
 }

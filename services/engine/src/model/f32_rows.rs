@@ -13,9 +13,10 @@
 //! product with the same operations in the same order, so batched decoding gives each sequence
 //! the numbers it gets alone.
 
+use super::row_tasks::by_weight_rows;
 #[cfg(target_arch = "x86_64")]
 use super::row_tasks::hsum;
-use super::row_tasks::{avx2, by_weight_rows};
+use crate::simd::avx2_fma;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Rows of input this path takes at most. Measured on the shipped model (2 cores): at 64 rows
@@ -94,7 +95,7 @@ impl CustomOp2 for RowsTimesWeights {
 
 /// `x [m, k] · w [n, k]ᵀ`: `[m, n]`.
 fn product(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let wide = avx2();
+    let wide = avx2_fma();
     let parallel = m * n * k >= PARALLEL_FROM;
     by_weight_rows(m, n, ROWS_PER_TASK, parallel, |first, count, strip| {
         let rows = &w[first * k..(first + count) * k];

@@ -13,9 +13,10 @@
 use rayon::prelude::*;
 
 use super::ggml_rounding::quantize_q8_block32;
+use super::row_tasks::by_weight_rows;
 #[cfg(target_arch = "x86_64")]
 use super::row_tasks::hsum;
-use super::row_tasks::{avx2, by_weight_rows};
+use crate::simd::avx2_fma;
 
 /// Values per block (ggml's QK8_0).
 pub(crate) const BLOCK: usize = 32;
@@ -71,7 +72,7 @@ impl Q8Rows {
     /// `x · selfᵀ` for `m` input rows `x` `[m, cols]`: `[m, rows]`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let input = Q8Rows::quantize(x, m, self.cols);
-        let wide = avx2();
+        let wide = avx2_fma();
         by_weight_rows(m, self.rows, ROWS_PER_TASK, true, |first, count, strip| {
             self.strip(&input, first, count, wide, strip)
         })
@@ -268,7 +269,10 @@ mod tests {
         let w = Q8Rows::quantize(&values(k, 4), 1, k);
         let a = Q8Rows::quantize(&values(k, 5), 1, k);
         let ((wq, ws), (aq, xs)) = (w.row(0), a.row(0));
-        let (p, v) = (dot_portable(wq, ws, aq, xs), dot(avx2(), wq, ws, aq, xs));
+        let (p, v) = (
+            dot_portable(wq, ws, aq, xs),
+            dot(avx2_fma(), wq, ws, aq, xs),
+        );
         assert!((p - v).abs() <= 1e-5 * (1.0 + p.abs()), "{p} {v}");
     }
 }

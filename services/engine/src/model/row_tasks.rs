@@ -1,5 +1,5 @@
 //! What the few-row matmuls (`f32_rows`, `q8_matmul`) share: the split of a product `[m, n]`
-//! into tasks over weight rows, and the AVX2 pieces.
+//! into tasks over weight rows, and the horizontal sum of their AVX2 accumulators.
 
 use rayon::prelude::*;
 
@@ -36,18 +36,6 @@ pub(super) fn by_weight_rows(
         }
     }
     out
-}
-
-/// Whether this CPU runs the AVX2 + FMA kernels.
-pub(super) fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// The sum of a vector's 8 lanes, in a fixed order.
