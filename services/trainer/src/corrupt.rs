@@ -13,10 +13,25 @@ pub const EDIT_RATE_MAX: f64 = 0.1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    /// Every position masked, weight 1 (t = 1 for every block); with blocks of one token this is
+    /// autoregressive training in the in-place convention: the mask at position i sees the clean
+    /// tokens before i and predicts token i.
+    Autoregressive,
     /// Mask-only corruption; loss at masked positions.
     Mask,
     /// Edits, on top of masking half of the time; loss at every position.
     Edit,
+}
+
+impl Stage {
+    /// The number the training log writes (0, 1, 2).
+    pub fn number(self) -> u8 {
+        match self {
+            Stage::Autoregressive => 0,
+            Stage::Mask => 1,
+            Stage::Edit => 2,
+        }
+    }
 }
 
 /// One corrupted sequence, aligned with its clean twin position by position.
@@ -58,6 +73,12 @@ pub fn corrupt(
         edits: 0,
         levenshtein: 0,
     };
+    if stage == Stage::Autoregressive {
+        out.tokens.fill(mask_id);
+        out.masked.fill(true);
+        out.weights.fill(1.0);
+        return out;
+    }
     let mut mask_too = true;
     if stage == Stage::Edit {
         out.edit_rate = rng.range(0.0, EDIT_RATE_MAX);
@@ -196,6 +217,23 @@ mod tests {
                 assert!(c.masked[p] || c.tokens[p] == x[p]);
             }
         }
+    }
+
+    #[test]
+    fn autoregressive_stage_masks_every_position_at_weight_one() {
+        let x = clean(50);
+        let mut rng = TrainRng::new(5);
+        let c = corrupt(
+            &x,
+            &Blocks::new(1, 0),
+            Stage::Autoregressive,
+            MASK,
+            &mut rng,
+        );
+        assert!(c.tokens.iter().all(|&t| t == MASK));
+        assert!(c.masked.iter().all(|&m| m));
+        assert!(c.weights.iter().all(|&w| w == 1.0));
+        assert_eq!((c.edits, c.levenshtein), (0, 0));
     }
 
     #[test]

@@ -115,12 +115,11 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
             break;
         }
         let started = Instant::now();
-        let stage = if state.step < settings.edit_stage_from() {
-            Stage::Mask
-        } else {
-            Stage::Edit
+        let stage = settings.stage_of(state.step);
+        let size = match stage {
+            Stage::Autoregressive => 1,
+            Stage::Mask | Stage::Edit => BLOCK_SIZES[state.rng.below(BLOCK_SIZES.len())],
         };
-        let size = BLOCK_SIZES[state.rng.below(BLOCK_SIZES.len())];
         let blocks = Blocks::new(size, state.rng.below(size));
         let mut micro = Vec::with_capacity(settings.accumulation);
         for _ in 0..settings.accumulation {
@@ -154,7 +153,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
         losses.push(stats.loss);
         let row = StepLog {
             step: state.step,
-            stage: if stage == Stage::Mask { 1 } else { 2 },
+            stage: stage.number(),
             block_size: size,
             lr,
             stats,

@@ -88,6 +88,7 @@ fn small_run_settings() -> Settings {
     s.batch_size = 2;
     s.accumulation = 2;
     s.steps = 10;
+    s.ar_stage_share = 0.25;
     s.mask_stage_share = 0.6;
     s.eval_every = 4;
     s.eval_tokens = 64;
@@ -102,6 +103,17 @@ fn step_losses(run_dir: &Path) -> Vec<f64> {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+/// One integer field of every step row of the log.
+fn step_values(run_dir: &Path, field: &str) -> Vec<u64> {
+    std::fs::read_to_string(run_dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["loss"].is_f64())
+        .filter_map(|v| v[field].as_u64())
         .collect()
 }
 
@@ -131,12 +143,19 @@ fn resume_continues_exactly_and_the_export_serves_the_trained_logits() {
     let corpus = corpus(&tmp);
     let stop = AtomicBool::new(false);
 
-    // Uninterrupted: 10 steps, both stages.
+    // Uninterrupted: 10 steps, all three stages (3 autoregressive, 3 masked, 4 with edits).
     let whole = tmp.join("whole");
     let report = run(options(&whole, &corpus, &stop, false, None)).unwrap();
     assert!(report.finished && report.steps == 10);
     let want = step_losses(&whole);
     assert_eq!(want.len(), 10);
+    assert_eq!(step_values(&whole, "stage"), [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]);
+    assert!(
+        step_values(&whole, "block_size")[..3]
+            .iter()
+            .all(|&b| b == 1),
+        "the autoregressive stage trains blocks of one token"
+    );
 
     // 4 steps, stop, then resume for the other 6 (the checkpoint on stop is between the periodic
     // ones, so this also checks that stopping saves exactly where it stopped).
