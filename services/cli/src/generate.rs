@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use sdlm_engine::decode::{decoder_for, stop_string_cut, DecodingParams, FinishReason, Mode};
-use sdlm_engine::{open_model, Device};
+use sdlm_engine::{device_named, open_model};
 
 /// Completes PROMPT (or standard input when PROMPT is absent or "-"). Diffusion decoding is the
 /// default for models with a mask token, autoregressive otherwise.
@@ -43,6 +43,9 @@ pub struct Args {
     /// Print one JSON object as the last line instead of streaming.
     #[arg(long)]
     json: bool,
+    /// cpu, cuda or cuda:N (cuda needs an sdlm built with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     prompt: Option<String>,
 }
 
@@ -57,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Some(p) => p.to_string(),
     };
-    let (model, tokenizer) = open_model(&args.model, &Device::Cpu)?;
+    let (model, tokenizer) = open_model(&args.model, &device_named(&args.device)?)?;
     let defaults = DecodingParams::for_model(model.config());
     let params = DecodingParams {
         mode: args.mode.unwrap_or(defaults.mode),

@@ -118,6 +118,19 @@ fn bad_parameters_are_named() {
         None,
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("mask_token_id"));
+    let out = sdlm(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "tpu",
+            "x",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("device: \"tpu\""));
 }
 
 #[test]

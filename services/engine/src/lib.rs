@@ -3,6 +3,7 @@
 
 mod config;
 pub mod decode;
+mod device;
 mod error;
 mod gguf;
 mod gguf_tokenizer;
@@ -16,6 +17,7 @@ mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{DiffusionConfig, Family, ModelConfig};
+pub use device::device_named;
 pub use error::{EngineError, Result};
 pub use mask::{twin_mask, MaskRule};
 pub use model::{KvCache, LogitRows, Model, PagedSeq, SequenceCache};

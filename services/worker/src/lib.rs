@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sdlm_engine::decode::ModelLimits;
-use sdlm_engine::{open_model, Device};
+use sdlm_engine::{device_named, open_model};
 use sdlm_proto::v1::worker_server::WorkerServer;
 use sdlm_runtime::etcd::{LeasedKey, WorkerRecord, WORKERS_PREFIX};
 use sdlm_runtime::Link;
@@ -43,6 +43,8 @@ pub enum WorkerError {
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub model: PathBuf,
+    /// Where the engine runs: cpu, cuda or cuda:N (`sdlm_engine::device_named`).
+    pub device: String,
     /// The name clients ask for; default: the model directory's or file's name.
     pub model_name: Option<String>,
     pub listen: SocketAddr,
@@ -67,6 +69,7 @@ impl WorkerConfig {
     pub fn new(model: PathBuf, listen: SocketAddr) -> Self {
         Self {
             model,
+            device: "cpu".into(),
             model_name: None,
             listen,
             advertise: None,
@@ -104,8 +107,9 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<StartedWorker, WorkerError> {
     let path = config.model.clone();
+    let device = device_named(&config.device)?;
     let (model, tokenizer) =
-        tokio::task::spawn_blocking(move || open_model(&path, &Device::Cpu)).await??;
+        tokio::task::spawn_blocking(move || open_model(&path, &device)).await??;
     let tokenizer_json = tokenizer
         .to_string(false)
         .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
