@@ -12,7 +12,8 @@ use sdlm_trainer::{python_stdlib, run, RunOptions, Settings};
 /// directory under OUT/model. Ctrl-C checkpoints and stops; --resume continues exactly.
 #[derive(clap::Args)]
 pub struct Args {
-    /// smoke (under a minute) or tiny-code (the shipped model).
+    /// smoke (under a minute), tiny-code (the shipped model's base), or tiny-code-step-reduction
+    /// (stage 3 alone, from --init).
     #[arg(long, default_value = "smoke", env = "SDLM_PRESET")]
     preset: String,
     /// Run directory (data, checkpoint, log, model); default runs/PRESET.
@@ -27,6 +28,10 @@ pub struct Args {
     /// Continue the run in OUT from its checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Start a new run from this trained model directory (its weights and tokenizer) instead
+    /// of random weights; tiny-code-step-reduction needs it.
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Override the preset's optimiser steps.
     #[arg(long)]
     steps: Option<usize>,
@@ -36,6 +41,9 @@ pub struct Args {
     /// Override the preset's micro-batches per step.
     #[arg(long)]
     accumulation: Option<usize>,
+    /// Override the preset's seed (data order, corruption; the first weights unless --init).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Stop (with a checkpoint) after this many steps of this session.
     #[arg(long)]
     session_steps: Option<usize>,
@@ -69,6 +77,9 @@ pub fn run_cli(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.accumulation {
         settings.accumulation = n;
     }
+    if let Some(seed) = args.seed {
+        settings.seed = seed;
+    }
     let corpus = if args.corpus.is_empty() {
         vec![python_stdlib()?]
     } else {
@@ -88,6 +99,7 @@ pub fn run_cli(args: Args) -> anyhow::Result<()> {
         run_dir: run_dir.clone(),
         settings: (!args.resume).then_some(settings),
         resume: args.resume,
+        init: args.init.clone(),
         corpus,
         extensions: args.extensions.clone(),
         stop: &STOP,

@@ -18,6 +18,9 @@ pub struct TrainState {
     pub step: usize,
     pub rng: TrainRng,
     pub data: DataPosition,
+    /// Where stage 3 is in the model's own continuations; checkpoints from before it read 0.
+    #[serde(default)]
+    pub step_reduction_data: DataPosition,
     pub tokens_seen: u64,
     /// Training wall time over all sessions of the run.
     pub elapsed_s: f64,

@@ -21,6 +21,9 @@ pub enum Stage {
     Mask,
     /// Edits, on top of masking half of the time; loss at every position.
     Edit,
+    /// On-policy step reduction: mask-only corruption, as in stage 1, of the model's own greedy
+    /// continuations.
+    StepReduction,
 }
 
 impl Stage {
@@ -30,6 +33,7 @@ impl Stage {
             Stage::Autoregressive => 0,
             Stage::Mask => 1,
             Stage::Edit => 2,
+            Stage::StepReduction => 3,
         }
     }
 }

@@ -115,6 +115,10 @@ impl Windows {
         })
     }
 
+    pub fn shard(&self) -> &TokenShard {
+        &self.shard
+    }
+
     pub fn per_epoch(&self) -> usize {
         self.shard.len() / self.window
     }

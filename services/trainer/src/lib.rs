@@ -11,6 +11,7 @@ mod cross_entropy;
 mod data;
 mod error;
 mod eval;
+mod init;
 mod learner;
 mod objective;
 mod optim;
@@ -20,6 +21,7 @@ mod rng;
 mod run;
 mod settings;
 mod shards;
+mod step_reduction;
 mod tokenizer;
 
 pub use blocks::{Blocks, BLOCK_SIZES};
@@ -37,5 +39,8 @@ pub use prepare::{prepare, python_stdlib, Prepared, RunPaths, MASK_ID, PAD_ID};
 pub use rng::TrainRng;
 pub use run::{run, RunOptions, RunReport, StepLog};
 pub use settings::{Architecture, Settings};
-pub use shards::{fim_transform, read_shard, write_shard, Document, ShardMeta, Specials};
+pub use shards::{
+    fim_transform, read_shard, write_shard, write_tokens, Document, ShardMeta, Specials,
+};
+pub use step_reduction::{continue_greedily, draw_prefixes};
 pub use tokenizer::{train_tokenizer, SPECIAL_TOKENS};

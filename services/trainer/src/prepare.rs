@@ -41,6 +41,11 @@ impl RunPaths {
     pub fn train_shard(&self) -> PathBuf {
         self.0.join("train.bin")
     }
+    /// Stage 3's windows of round `round`: the model's greedy continuations of training
+    /// prefixes.
+    pub fn step_reduction_shard(&self, round: usize) -> PathBuf {
+        self.0.join(format!("step-reduction-{round}.bin"))
+    }
     pub fn held_out_shard(&self) -> PathBuf {
         self.0.join("heldout.bin")
     }
@@ -140,7 +145,13 @@ pub fn prepare(
         .collect();
     write(&run.0.join("files.txt"), listing.as_bytes())?;
 
-    let tokenizer = train_tokenizer(train_texts.iter(), settings.vocab_size, &run.tokenizer())?;
+    // A run started from a trained model (`--init`) finds that model's tokenizer already here.
+    let tokenizer = if run.tokenizer().is_file() {
+        tokenizers::Tokenizer::from_file(run.tokenizer())
+            .map_err(|e| TrainerError::file(run.tokenizer(), e))?
+    } else {
+        train_tokenizer(train_texts.iter(), settings.vocab_size, &run.tokenizer())?
+    };
     let encode = |texts: &[String]| -> Result<Vec<Vec<u32>>, TrainerError> {
         let encodings = tokenizer
             .encode_batch(texts.to_vec(), false)

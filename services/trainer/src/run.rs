@@ -13,22 +13,26 @@ use serde::Serialize;
 use crate::blocks::{Blocks, BLOCK_SIZES};
 use crate::checkpoint::{self, TrainState};
 use crate::corrupt::Stage;
-use crate::data::{TokenShard, Windows};
+use crate::data::{DataPosition, TokenShard, Windows};
 use crate::error::TrainerError;
 use crate::eval::{evaluate, token_bytes, HeldOut};
+use crate::init;
 use crate::learner::{hf_config, Learner, StepStats};
 use crate::objective::Batch;
 use crate::optim::learning_rate;
 use crate::prepare::{prepare, write, Prepared, RunPaths, MASK_ID, PAD_ID};
 use crate::rng::TrainRng;
 use crate::settings::Settings;
-use crate::shards::read_shard;
+use crate::shards::{read_shard, write_tokens};
+use crate::step_reduction;
 
 pub struct RunOptions<'a> {
     pub run_dir: PathBuf,
     /// Settings of a new run; a resumed run reads its own from the run directory.
     pub settings: Option<Settings>,
     pub resume: bool,
+    /// A trained model directory a new run starts from (weights and tokenizer).
+    pub init: Option<PathBuf>,
     pub corpus: Vec<PathBuf>,
     pub extensions: Vec<String>,
     /// Set (by Ctrl-C) to checkpoint and stop after the current step.
@@ -54,6 +58,8 @@ pub struct StepLog {
 
 #[derive(Debug, Serialize)]
 pub struct RunReport {
+    /// The trained model the run started from (`--init`), if any.
+    pub init: Option<PathBuf>,
     pub steps: usize,
     pub finished: bool,
     pub losses: Vec<f64>,
@@ -67,13 +73,29 @@ pub struct RunReport {
 pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
     let paths = RunPaths(opts.run_dir.clone());
     let settings = resolve_settings(&paths, &opts)?;
+    let config_json = hf_config(&settings, MASK_ID, 0, PAD_ID);
+    let init = opts.init.as_deref().filter(|_| !opts.resume);
+    if let Some(dir) = init {
+        init::check_shape(dir, &config_json)?;
+        if !paths.tokenizer().exists() {
+            let from = dir.join("tokenizer.json");
+            std::fs::copy(&from, paths.tokenizer()).map_err(|e| TrainerError::file(&from, e))?;
+        }
+    } else if settings.step_reduction_from() == 0 && !opts.resume {
+        return Err(TrainerError::Input(format!(
+            "preset {}: step_reduction_share = 1 decodes with the model in training from the first step; pass --init with a trained model",
+            settings.preset
+        )));
+    }
     let extensions: Vec<&str> = opts.extensions.iter().map(String::as_str).collect();
     let prepared = prepare(&paths, &settings, &opts.corpus, &extensions)?;
     let tokenizer = tokenizers::Tokenizer::from_file(paths.tokenizer())
         .map_err(|e| TrainerError::file(paths.tokenizer(), e))?;
-    let config_json = hf_config(&settings, MASK_ID, 0, PAD_ID);
     let config = ModelConfig::from_json(&config_json.to_string(), &paths.0.join("config.json"))?;
     let mut learner = Learner::new(&config, &settings, MASK_ID, settings.seed)?;
+    if let Some(dir) = init {
+        init::load_weights(dir, &learner)?;
+    }
     let parameters: usize = learner
         .optimizer
         .params()
@@ -87,6 +109,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
             step: 0,
             rng: TrainRng::new(settings.seed.wrapping_mul(0x2545_f491_4f6c_dd1d)),
             data: Default::default(),
+            step_reduction_data: Default::default(),
             tokens_seen: 0,
             elapsed_s: 0.0,
         }
@@ -104,6 +127,9 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
     let mut losses = Vec::new();
     let session_start = state.step;
     let mut interrupted = false;
+    // Stage 3's windows (and their round): the model's own continuations, decoded when each
+    // round begins.
+    let mut own: Option<(usize, Windows)> = None;
 
     while state.step < settings.steps {
         if opts.stop.load(Ordering::SeqCst)
@@ -114,20 +140,39 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
             interrupted = true;
             break;
         }
-        let started = Instant::now();
         let stage = settings.stage_of(state.step);
+        if stage == Stage::StepReduction {
+            let round = settings.step_reduction_round(state.step);
+            if own.as_ref().map(|(r, _)| *r) != Some(round) {
+                if state.step == settings.step_reduction_round_start(round) {
+                    state.step_reduction_data = DataPosition::default();
+                }
+                let (data, seconds) = own_continuations(
+                    &paths, &learner, &config, &windows, &settings, &state, round, &mut log,
+                )?;
+                own = Some((round, data));
+                state.elapsed_s += seconds;
+            }
+        }
+        let started = Instant::now();
         let size = match stage {
             Stage::Autoregressive => 1,
-            Stage::Mask | Stage::Edit => BLOCK_SIZES[state.rng.below(BLOCK_SIZES.len())],
+            Stage::Mask | Stage::Edit | Stage::StepReduction => {
+                BLOCK_SIZES[state.rng.below(BLOCK_SIZES.len())]
+            }
         };
         let blocks = Blocks::new(size, state.rng.below(size));
         let mut micro = Vec::with_capacity(settings.accumulation);
         for _ in 0..settings.accumulation {
             let mut clean = Vec::with_capacity(settings.batch_size);
             for _ in 0..settings.batch_size {
-                let (w, next) = windows.next(state.data);
+                let (source, at) = match (stage, own.as_mut()) {
+                    (Stage::StepReduction, Some((_, own))) => (own, &mut state.step_reduction_data),
+                    _ => (&mut windows, &mut state.data),
+                };
+                let (w, next) = source.next(*at);
                 clean.push(w);
-                state.data = next;
+                *at = next;
             }
             micro.push(Batch::new(
                 &clean,
@@ -206,6 +251,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
         final_eval = Some(e);
     }
     let report = RunReport {
+        init: opts.init.clone(),
         steps: state.step,
         finished,
         losses,
@@ -221,6 +267,52 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
         write(&paths.0.join("summary.json"), text.as_bytes())?;
     }
     Ok(report)
+}
+
+/// The data of round `round` of stage 3: the run's file of the model's own continuations,
+/// decoded now (from the weights at the round's first step) unless an earlier session of the run
+/// wrote it; and the seconds that took.
+fn own_continuations(
+    paths: &RunPaths,
+    learner: &Learner,
+    config: &ModelConfig,
+    windows: &Windows,
+    settings: &Settings,
+    state: &TrainState,
+    round: usize,
+    log: &mut std::fs::File,
+) -> Result<(Windows, f64), TrainerError> {
+    let path = paths.step_reduction_shard(round);
+    let started = Instant::now();
+    if !path.with_extension("json").exists() {
+        let round_seed = (round as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut rng = TrainRng::new(settings.seed ^ 0x5eed_0fa1_105e_1f00 ^ round_seed);
+        let prefixes = step_reduction::draw_prefixes(
+            windows.shard(),
+            settings.seq_len,
+            settings.step_reduction_prompts,
+            &mut rng,
+        );
+        let prompt_tokens: usize = prefixes.iter().map(Vec::len).sum();
+        let docs = step_reduction::continue_greedily(learner, config, &prefixes, settings.seq_len)?;
+        let tokens: Vec<u32> = docs.concat();
+        let seconds = started.elapsed().as_secs_f64();
+        append(
+            log,
+            paths,
+            &serde_json::json!({"step": state.step, "step_reduction": {
+                "round": round,
+                "prefixes": prefixes.len(),
+                "prefix_tokens": prompt_tokens,
+                "decoded_tokens": tokens.len() - prompt_tokens,
+                "seconds": seconds,
+                "decoded_tokens_per_s": (tokens.len() - prompt_tokens) as f64 / seconds.max(1e-9),
+            }}),
+        )?;
+        write_tokens(&path, &tokens, settings.vocab_size, docs.len(), 0)?;
+    }
+    let windows = Windows::new(TokenShard::open(&path)?, settings.seq_len, settings.seed)?;
+    Ok((windows, started.elapsed().as_secs_f64()))
 }
 
 /// Held-out evaluation of the model in training, in the run's window and batch.

@@ -40,6 +40,19 @@ pub struct Settings {
     pub ar_stage_share: f64,
     /// Share of steps up to the end of stage 1 (mask only); the rest is stage 2 (edits).
     pub mask_stage_share: f64,
+    /// Share of steps, at the end, of on-policy step reduction (stage 3): the model decodes
+    /// continuations of training prefixes greedily, and trains by masking on its own output, so
+    /// it grows sure of what it would write anyway and commits more tokens per denoising step.
+    /// Run directories written before it existed read 0.
+    #[serde(default)]
+    pub step_reduction_share: f64,
+    /// Prefixes decoded for each round of stage 3 (each continued to the end of its window).
+    #[serde(default)]
+    pub step_reduction_prompts: usize,
+    /// Rounds of stage 3: each decodes afresh with the weights at its first step, so later
+    /// rounds train on what the already-sharpened model writes (0 reads as 1).
+    #[serde(default)]
+    pub step_reduction_rounds: usize,
     pub warmup_steps: usize,
     pub learning_rate: f64,
     /// The cosine decays to learning_rate · min_lr_ratio.
@@ -77,6 +90,9 @@ impl Settings {
                 steps: 40,
                 ar_stage_share: 0.25,
                 mask_stage_share: 0.8,
+                step_reduction_share: 0.0,
+                step_reduction_prompts: 0,
+                step_reduction_rounds: 0,
                 warmup_steps: 5,
                 learning_rate: 3e-3,
                 min_lr_ratio: 0.1,
@@ -115,6 +131,9 @@ impl Settings {
                 // measures; the rest adapts the model to blocks (SDAR's recipe).
                 ar_stage_share: 0.5,
                 mask_stage_share: 0.8,
+                step_reduction_share: 0.0,
+                step_reduction_prompts: 0,
+                step_reduction_rounds: 0,
                 warmup_steps: 50,
                 learning_rate: 2e-3,
                 min_lr_ratio: 0.1,
@@ -126,8 +145,22 @@ impl Settings {
                 seed: 1,
                 serve_block_size: 32,
             }),
+            // Stage 3 alone, from a trained tiny-code model (`--init`).
+            "tiny-code-step-reduction" => {
+                let mut s = Self::preset("tiny-code")?;
+                s.preset = name.into();
+                s.steps = 300;
+                s.ar_stage_share = 0.0;
+                s.mask_stage_share = 0.0;
+                s.step_reduction_share = 1.0;
+                s.step_reduction_prompts = 2048;
+                s.warmup_steps = 20;
+                s.learning_rate = 5e-4;
+                s.eval_every = 100;
+                Ok(s)
+            }
             other => Err(TrainerError::Input(format!(
-                "preset {other:?} is not one of: smoke, tiny-code"
+                "preset {other:?} is not one of: smoke, tiny-code, tiny-code-step-reduction"
             ))),
         }
     }
@@ -181,6 +214,18 @@ impl Settings {
                 ),
             );
         }
+        if !(0.0..=1.0).contains(&self.step_reduction_share) {
+            return bad(
+                "step_reduction_share",
+                format!("{} is outside [0, 1]", self.step_reduction_share),
+            );
+        }
+        if self.step_reduction_share > 0.0 && self.step_reduction_prompts == 0 {
+            return bad(
+                "step_reduction_prompts",
+                "must be at least 1 when step_reduction_share is above 0".into(),
+            );
+        }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad(
                 "learning_rate",
@@ -200,9 +245,34 @@ impl Settings {
         (self.steps as f64 * self.mask_stage_share).round() as usize
     }
 
+    /// The first step of stage 3 (`steps` when there is none).
+    pub fn step_reduction_from(&self) -> usize {
+        self.steps - (self.steps as f64 * self.step_reduction_share).round() as usize
+    }
+
+    /// The round of stage 3 that step `step` (0-based, in stage 3) belongs to.
+    pub fn step_reduction_round(&self, step: usize) -> usize {
+        let (from, rounds) = (
+            self.step_reduction_from(),
+            self.step_reduction_rounds.max(1),
+        );
+        (step - from) * rounds / (self.steps - from).max(1)
+    }
+
+    /// The first step of round `round` of stage 3.
+    pub fn step_reduction_round_start(&self, round: usize) -> usize {
+        let (from, rounds) = (
+            self.step_reduction_from(),
+            self.step_reduction_rounds.max(1),
+        );
+        from + (round * (self.steps - from)).div_ceil(rounds)
+    }
+
     /// The stage of step `step` (0-based).
     pub fn stage_of(&self, step: usize) -> Stage {
-        if step < self.mask_stage_from() {
+        if step >= self.step_reduction_from() {
+            Stage::StepReduction
+        } else if step < self.mask_stage_from() {
             Stage::Autoregressive
         } else if step < self.edit_stage_from() {
             Stage::Mask

@@ -72,9 +72,20 @@ pub fn write_shard(
         }
         tokens.push(s.end_of_text);
     }
+    write_tokens(path, &tokens, vocab_size, docs.len(), fim)
+}
+
+/// Writes `tokens` as a shard (u16, or u32 for vocabularies above 65,536) with its sidecar.
+pub fn write_tokens(
+    path: &Path,
+    tokens: &[u32],
+    vocab_size: usize,
+    documents: usize,
+    fim_documents: usize,
+) -> Result<ShardMeta, TrainerError> {
     let wide = vocab_size > u16::MAX as usize + 1;
     let mut bytes = Vec::with_capacity(tokens.len() * if wide { 4 } else { 2 });
-    for &t in &tokens {
+    for &t in tokens {
         if wide {
             bytes.extend_from_slice(&t.to_le_bytes());
         } else {
@@ -85,8 +96,8 @@ pub fn write_shard(
     let meta = ShardMeta {
         dtype: if wide { "u32" } else { "u16" }.into(),
         tokens: tokens.len(),
-        documents: docs.len(),
-        fim_documents: fim,
+        documents,
+        fim_documents,
     };
     let sidecar = path.with_extension("json");
     let text = serde_json::to_string_pretty(&meta).map_err(|e| TrainerError::file(&sidecar, e))?;

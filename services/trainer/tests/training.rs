@@ -128,6 +128,7 @@ fn options<'a>(
         run_dir: dir.to_path_buf(),
         settings: (!resume).then(small_run_settings),
         resume,
+        init: None,
         corpus: vec![corpus.to_path_buf()],
         extensions: vec!["py".into()],
         stop,
@@ -213,5 +214,169 @@ fn resume_continues_exactly_and_the_export_serves_the_trained_logits() {
         .to_scalar()
         .unwrap();
     assert!(d <= 1e-4, "served vs trained logits differ by {d}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The greedy continuation of `prefix` by the model in `dir` to `len` tokens in all, through
+/// the engine's single-sequence decoder (not the step batcher the trainer uses), with the
+/// end-of-text token not ending it (as in stage 3).
+fn greedy_reference(dir: &Path, prefix: &[u32], len: usize) -> Vec<u32> {
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut config = ModelConfig::from_json(&text, &dir.join("config.json")).unwrap();
+    config.eos_token_ids.clear();
+    // Safety: a file this test wrote and nothing else touches.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
+    let model = sdlm_engine::Model::new(&config, vb).unwrap();
+    let params = sdlm_engine::decode::DecodingParams {
+        mode: sdlm_engine::decode::Mode::Autoregressive,
+        block_size: 1,
+        max_new_tokens: len - prefix.len(),
+        ..Default::default()
+    };
+    let mut d = sdlm_engine::decode::decoder_for(&model, prefix, &params).unwrap();
+    while d.finished().is_none() {
+        d.step().unwrap();
+    }
+    d.completion().to_vec()
+}
+
+#[test]
+fn step_reduction_trains_on_the_init_models_own_greedy_continuations() {
+    let tmp = std::env::temp_dir().join(format!("sdlm-train-sr-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let corpus = corpus(&tmp);
+    let stop = AtomicBool::new(false);
+    let base = tmp.join("base");
+    run(options(&base, &corpus, &stop, false, None)).unwrap();
+    let init = base.join("model");
+    // Freshly initialised weights in place of the 10 trained steps, whose greedy continuations
+    // are one token repeated whatever the weights: random ones write varied text, so the test
+    // can tell which weights decoded which round.
+    let fresh = Learner::new(
+        &config(&small_run_settings()),
+        &small_run_settings(),
+        MASK_ID,
+        11,
+    )
+    .unwrap();
+    fresh.varmap.save(init.join("model.safetensors")).unwrap();
+
+    let mut s = small_run_settings();
+    s.steps = 6;
+    s.ar_stage_share = 0.0;
+    s.step_reduction_share = 1.0;
+    s.step_reduction_prompts = 4;
+    s.step_reduction_rounds = 2;
+    // Large enough steps that the second round's weights write differently from the first's.
+    s.warmup_steps = 0;
+    s.learning_rate = 2e-2;
+    let sr = tmp.join("sr");
+    let opts = |settings: Option<Settings>, init_dir: Option<PathBuf>, session| RunOptions {
+        run_dir: sr.clone(),
+        settings: settings.clone(),
+        resume: settings.is_none(),
+        init: init_dir,
+        corpus: vec![corpus.clone()],
+        extensions: vec!["py".into()],
+        stop: &stop,
+        session_steps: session,
+        progress: false,
+    };
+    // Without a model to start from, stage 3 from the first step has nothing to decode with.
+    let err = run(opts(Some(s.clone()), None, None))
+        .err()
+        .expect("refused without --init")
+        .to_string();
+    assert!(err.contains("--init"), "{err}");
+    let _ = std::fs::remove_dir_all(&sr);
+
+    // Stopped after 3 steps, where the second round begins, and resumed: the same continuations
+    // and losses as the whole run. The weights at the stop are the ones round 2 decodes with.
+    let first = run(opts(Some(s.clone()), Some(init.clone()), Some(3))).unwrap();
+    assert!(!first.finished);
+    let round_two = tmp.join("round-two");
+    std::fs::create_dir_all(&round_two).unwrap();
+    std::fs::copy(init.join("config.json"), round_two.join("config.json")).unwrap();
+    std::fs::copy(
+        sr.join("checkpoint/model.safetensors"),
+        round_two.join("model.safetensors"),
+    )
+    .unwrap();
+    let report = run(opts(None, Some(init.clone()), None)).unwrap();
+    assert!(report.finished && report.steps == 6);
+    assert_eq!(step_values(&sr, "stage"), [3; 6]);
+    let whole = tmp.join("sr-whole");
+    std::fs::create_dir_all(&whole).unwrap();
+    let whole_report = run(RunOptions {
+        run_dir: whole.clone(),
+        ..opts(Some(s.clone()), Some(init.clone()), None)
+    })
+    .unwrap();
+    assert!(whole_report.finished);
+    for (a, b) in step_losses(&sr).iter().zip(&step_losses(&whole)) {
+        assert!((a - b).abs() <= 1e-6, "resumed {a} vs whole {b}");
+    }
+    assert_eq!(
+        std::fs::read(base.join("tokenizer.json")).unwrap(),
+        std::fs::read(sr.join("tokenizer.json")).unwrap(),
+        "the run tokenizes with the init model's tokenizer"
+    );
+
+    // Every window of a round's data is a prefix of the training shard followed by the greedy
+    // continuation of it by the model as it was when the round began.
+    let train = sdlm_trainer::read_shard(&sr.join("train.bin")).unwrap();
+    for (round, weights) in [(0, &init), (1, &round_two)] {
+        let path = sr.join(format!("step-reduction-{round}.bin"));
+        let own = sdlm_trainer::read_shard(&path).unwrap();
+        assert_eq!(own.len(), 4 * s.seq_len);
+        let uninterrupted = whole.join(format!("step-reduction-{round}.bin"));
+        assert_eq!(own, sdlm_trainer::read_shard(&uninterrupted).unwrap());
+        let mut init_would_differ = false;
+        for doc in own.chunks(s.seq_len) {
+            let prefix = (s.seq_len / 8..=s.seq_len / 2).find(|&p| {
+                train.windows(p).any(|w| w == &doc[..p])
+                    && greedy_reference(weights, &doc[..p], s.seq_len) == doc[p..]
+            });
+            let Some(p) = prefix else {
+                panic!("round {round}: {doc:?} is no training prefix with its greedy continuation")
+            };
+            init_would_differ |= greedy_reference(&init, &doc[..p], s.seq_len) != doc[p..];
+        }
+        // Else this test could not tell which weights decoded the second round.
+        assert_eq!(init_would_differ, round == 1, "round {round}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn init_refuses_a_model_of_another_shape() {
+    let tmp = std::env::temp_dir().join(format!("sdlm-train-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let corpus = corpus(&tmp);
+    let stop = AtomicBool::new(false);
+    let mut other = small_run_settings();
+    other.architecture.hidden_size *= 2;
+    let model = tmp.join("other");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        hf_config(&other, MASK_ID, 0, PAD_ID).to_string(),
+    )
+    .unwrap();
+    let err = run(RunOptions {
+        init: Some(model),
+        ..options(&tmp.join("run"), &corpus, &stop, false, None)
+    })
+    .err()
+    .expect("a model of another shape is refused")
+    .to_string();
+    assert!(err.contains("hidden_size"), "{err}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
