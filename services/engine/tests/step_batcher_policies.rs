@@ -192,8 +192,11 @@ fn when_pages_run_out_the_newest_sequences_are_preempted() {
     .iter()
     .map(|t| encode(&tokenizer, t))
     .collect();
-    // Room to admit all four, not to let all four grow to the end.
-    let mut batcher = StepBatcher::new(&model, PagePool::new(40, 4));
+    // Room to admit all four, not to let all four grow to the end: 28 pages of 4 tokens hold
+    // the prompts (3–8 tokens) with a block each, while four 48-token completions need 54 pages.
+    // (40 pages sufficed while the model committed one token per step; with two, the first
+    // sequences finish and free their pages before the last ones need them.)
+    let mut batcher = StepBatcher::new(&model, PagePool::new(28, 4));
     let ids: Vec<u64> = prompts
         .iter()
         .map(|p| batcher.add(p.clone(), params.clone()))

@@ -70,6 +70,7 @@ pub fn plot_loss(curve: &Curve, png: &Path, title: &str) -> Result<(), TrainerEr
     let max_step = curve.steps.last().map_or(1.0, |s| s.0).max(1.0);
     let mut values: Vec<f64> = curve.steps.iter().map(|s| s.1).collect();
     values.extend(curve.held_out_ar.iter().map(|s| s.1));
+    values.extend(curve.held_out_bound.iter().map(|s| s.1));
     let top = values.iter().cloned().fold(0.0, f64::max).min(12.0) * 1.05;
     let mut builder = ChartBuilder::on(&root);
     builder.margin(16);

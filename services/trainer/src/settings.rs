@@ -157,6 +157,9 @@ impl Settings {
                 s.warmup_steps = 20;
                 s.learning_rate = 5e-4;
                 s.eval_every = 100;
+                // After step reduction, blocks of 8 decode fastest at >= 2 tokens per forward on
+                // the developer machine (docs/benchmarks.md); 32 pays a 32-row forward per step.
+                s.serve_block_size = 8;
                 Ok(s)
             }
             other => Err(TrainerError::Input(format!(
