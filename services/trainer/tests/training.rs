@@ -66,6 +66,14 @@ fn training_overfits_a_fixed_small_batch() {
     );
 }
 
+/// An empty scratch directory for one test, with the synthetic corpus in it.
+fn scratch(name: &str) -> (PathBuf, PathBuf) {
+    let tmp = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let corpus = corpus(&tmp);
+    (tmp, corpus)
+}
+
 fn corpus(dir: &Path) -> PathBuf {
     // A small synthetic Python corpus: enough files that both sides of the split get some.
     let root = dir.join("corpus");
@@ -97,22 +105,27 @@ fn small_run_settings() -> Settings {
     s
 }
 
-fn step_losses(run_dir: &Path) -> Vec<f64> {
+/// The log's step rows (those with a loss), in order.
+fn step_rows(run_dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run_dir.join("log.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["loss"].is_f64())
+        .collect()
+}
+
+fn step_losses(run_dir: &Path) -> Vec<f64> {
+    step_rows(run_dir)
+        .iter()
         .filter_map(|v| v["loss"].as_f64())
         .collect()
 }
 
 /// One integer field of every step row of the log.
 fn step_values(run_dir: &Path, field: &str) -> Vec<u64> {
-    std::fs::read_to_string(run_dir.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["loss"].is_f64())
+    step_rows(run_dir)
+        .iter()
         .filter_map(|v| v[field].as_u64())
         .collect()
 }
@@ -124,11 +137,24 @@ fn options<'a>(
     resume: bool,
     session: Option<usize>,
 ) -> RunOptions<'a> {
+    let settings = (!resume).then(small_run_settings);
+    run_options(dir, corpus, stop, settings, None, session)
+}
+
+/// A new run with `settings`, or (None) the resumption of the one in `dir`.
+fn run_options<'a>(
+    dir: &Path,
+    corpus: &Path,
+    stop: &'a AtomicBool,
+    settings: Option<Settings>,
+    init: Option<PathBuf>,
+    session: Option<usize>,
+) -> RunOptions<'a> {
     RunOptions {
         run_dir: dir.to_path_buf(),
-        settings: (!resume).then(small_run_settings),
-        resume,
-        init: None,
+        resume: settings.is_none(),
+        settings,
+        init,
         corpus: vec![corpus.to_path_buf()],
         extensions: vec!["py".into()],
         stop,
@@ -139,9 +165,7 @@ fn options<'a>(
 
 #[test]
 fn resume_continues_exactly_and_the_export_serves_the_trained_logits() {
-    let tmp = std::env::temp_dir().join(format!("sdlm-train-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let corpus = corpus(&tmp);
+    let (tmp, corpus) = scratch("sdlm-train");
     let stop = AtomicBool::new(false);
 
     // Uninterrupted: 10 steps, all three stages (3 autoregressive, 3 masked, 4 with edits).
@@ -249,9 +273,7 @@ fn greedy_reference(dir: &Path, prefix: &[u32], len: usize) -> Vec<u32> {
 
 #[test]
 fn step_reduction_trains_on_the_init_models_own_greedy_continuations() {
-    let tmp = std::env::temp_dir().join(format!("sdlm-train-sr-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let corpus = corpus(&tmp);
+    let (tmp, corpus) = scratch("sdlm-train-sr");
     let stop = AtomicBool::new(false);
     let base = tmp.join("base");
     run(options(&base, &corpus, &stop, false, None)).unwrap();
@@ -278,17 +300,8 @@ fn step_reduction_trains_on_the_init_models_own_greedy_continuations() {
     s.warmup_steps = 0;
     s.learning_rate = 2e-2;
     let sr = tmp.join("sr");
-    let opts = |settings: Option<Settings>, init_dir: Option<PathBuf>, session| RunOptions {
-        run_dir: sr.clone(),
-        settings: settings.clone(),
-        resume: settings.is_none(),
-        init: init_dir,
-        corpus: vec![corpus.clone()],
-        extensions: vec!["py".into()],
-        stop: &stop,
-        session_steps: session,
-        progress: false,
-    };
+    let opts =
+        |settings, init_dir, session| run_options(&sr, &corpus, &stop, settings, init_dir, session);
     // Without a model to start from, stage 3 from the first step has nothing to decode with.
     let err = run(opts(Some(s.clone()), None, None))
         .err()
@@ -357,9 +370,7 @@ fn step_reduction_trains_on_the_init_models_own_greedy_continuations() {
 
 #[test]
 fn init_refuses_a_model_of_another_shape() {
-    let tmp = std::env::temp_dir().join(format!("sdlm-train-init-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let corpus = corpus(&tmp);
+    let (tmp, corpus) = scratch("sdlm-train-init");
     let stop = AtomicBool::new(false);
     let mut other = small_run_settings();
     other.architecture.hidden_size *= 2;
