@@ -3,8 +3,8 @@
 //! careful mode), and the run then trains on those continuations with mask-only corruption.
 //! Trained on what it would write anyway, the model grows sure of it; a denoising step commits
 //! every position whose confidence reaches the threshold, so surer means more tokens per
-//! forward. The continuations are written once per run (`step-reduction.bin`), so a resumed run
-//! trains on the same ones.
+//! forward. Each round's continuations are written once (`step-reduction-ROUND.bin` in the run
+//! directory), so a resumed run trains on the same ones.
 
 use std::collections::HashMap;
 
