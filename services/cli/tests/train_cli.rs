@@ -188,5 +188,28 @@ fn bad_input_is_refused_by_name() {
         s(&out),
     ]);
     assert!(String::from_utf8_lossy(&e.stderr).contains("/nonexistent-corpus"));
+    // Step reduction decodes with the model it starts from: none given, or one of another shape.
+    let e = sdlm(&[
+        "train",
+        "--preset",
+        "tiny-code-step-reduction",
+        "--out",
+        s(&out),
+    ]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--init"));
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code");
+    let e = sdlm(&[
+        "train",
+        "--preset",
+        "smoke",
+        "--init",
+        s(&shipped),
+        "--out",
+        s(&out),
+    ]);
+    assert!(!e.status.success());
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(err.contains("vocab_size is 8192"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }
