@@ -44,6 +44,10 @@ pub struct Args {
     /// Override the preset's seed (data order, corruption; the first weights unless --init).
     #[arg(long)]
     seed: Option<u64>,
+    /// Override any setting of the preset, KEY=VALUE (repeatable; the keys are those of a run
+    /// directory's settings.json).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
     /// Stop (with a checkpoint) after this many steps of this session.
     #[arg(long)]
     session_steps: Option<usize>,
@@ -80,6 +84,7 @@ pub fn run_cli(args: Args) -> anyhow::Result<()> {
     if let Some(seed) = args.seed {
         settings.seed = seed;
     }
+    let settings = settings.with_overrides(&args.overrides)?;
     let corpus = if args.corpus.is_empty() {
         vec![python_stdlib()?]
     } else {

@@ -10,7 +10,7 @@ use candle_core::Device;
 use sdlm_engine::ModelConfig;
 use serde::Serialize;
 
-use crate::blocks::{Blocks, BLOCK_SIZES};
+use crate::blocks::Blocks;
 use crate::checkpoint::{self, TrainState};
 use crate::corrupt::Stage;
 use crate::data::{DataPosition, TokenShard, Windows};
@@ -155,11 +155,9 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
             }
         }
         let started = Instant::now();
-        let size = match stage {
-            Stage::Autoregressive => 1,
-            Stage::Mask | Stage::Edit | Stage::StepReduction => {
-                BLOCK_SIZES[state.rng.below(BLOCK_SIZES.len())]
-            }
+        let size = match settings.block_sizes(stage) {
+            [one] => *one,
+            sizes => sizes[state.rng.below(sizes.len())],
         };
         let blocks = Blocks::new(size, state.rng.below(size));
         let mut micro = Vec::with_capacity(settings.accumulation);

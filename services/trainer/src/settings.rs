@@ -53,6 +53,10 @@ pub struct Settings {
     /// rounds train on what the already-sharpened model writes (0 reads as 1).
     #[serde(default)]
     pub step_reduction_rounds: usize,
+    /// Block sizes stage 3 draws from (empty: all of BLOCK_SIZES), to train the sizes decoding
+    /// will use.
+    #[serde(default)]
+    pub step_reduction_block_sizes: Vec<usize>,
     pub warmup_steps: usize,
     pub learning_rate: f64,
     /// The cosine decays to learning_rate · min_lr_ratio.
@@ -93,6 +97,7 @@ impl Settings {
                 step_reduction_share: 0.0,
                 step_reduction_prompts: 0,
                 step_reduction_rounds: 0,
+                step_reduction_block_sizes: Vec::new(),
                 warmup_steps: 5,
                 learning_rate: 3e-3,
                 min_lr_ratio: 0.1,
@@ -134,6 +139,7 @@ impl Settings {
                 step_reduction_share: 0.0,
                 step_reduction_prompts: 0,
                 step_reduction_rounds: 0,
+                step_reduction_block_sizes: Vec::new(),
                 warmup_steps: 50,
                 learning_rate: 2e-3,
                 min_lr_ratio: 0.1,
@@ -229,6 +235,16 @@ impl Settings {
                 "must be at least 1 when step_reduction_share is above 0".into(),
             );
         }
+        if let Some(b) = self
+            .step_reduction_block_sizes
+            .iter()
+            .find(|b| !crate::blocks::BLOCK_SIZES.contains(b))
+        {
+            return bad(
+                "step_reduction_block_sizes",
+                format!("{b} is not one of {:?}", crate::blocks::BLOCK_SIZES),
+            );
+        }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad(
                 "learning_rate",
@@ -284,8 +300,81 @@ impl Settings {
         }
     }
 
+    /// The block sizes stage `stage` draws from.
+    pub fn block_sizes(&self, stage: Stage) -> &[usize] {
+        match stage {
+            Stage::Autoregressive => &[1],
+            Stage::StepReduction if !self.step_reduction_block_sizes.is_empty() => {
+                &self.step_reduction_block_sizes
+            }
+            _ => &crate::blocks::BLOCK_SIZES,
+        }
+    }
+
+    /// `key=value` settings over these (the value as JSON, or else as a string), checked
+    /// again as a whole; an unknown key is an error that names it.
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Self, TrainerError> {
+        let mut v = serde_json::to_value(self).map_err(|e| TrainerError::Input(e.to_string()))?;
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| TrainerError::Input(format!("--set {o:?}: expected KEY=VALUE")))?;
+            let slot = v
+                .get_mut(key)
+                .ok_or_else(|| TrainerError::Input(format!("--set: no setting named {key:?}")))?;
+            *slot = serde_json::from_str(value)
+                .unwrap_or_else(|_| serde_json::Value::String(value.into()));
+            // Read back one at a time, so that a value of the wrong type is named with its key.
+            serde_json::from_value::<Self>(v.clone())
+                .map_err(|e| TrainerError::Input(format!("--set {key}={value}: {e}")))?;
+        }
+        let s: Self =
+            serde_json::from_value(v).map_err(|e| TrainerError::Input(format!("--set: {e}")))?;
+        s.validate()?;
+        Ok(s)
+    }
+
     /// Clean tokens per optimiser step.
     pub fn tokens_per_step(&self) -> usize {
         self.seq_len * self.batch_size * self.accumulation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_set_fields_by_name_and_are_validated() {
+        let base = Settings::preset("smoke").unwrap();
+        let s = base
+            .with_overrides(&[
+                "steps=7".into(),
+                "step_reduction_block_sizes=[16,32]".into(),
+                "preset=mine".into(),
+            ])
+            .unwrap();
+        assert_eq!(s.steps, 7);
+        assert_eq!(s.preset, "mine");
+        assert_eq!(s.block_sizes(Stage::StepReduction), &[16, 32]);
+        assert_eq!(s.block_sizes(Stage::Mask), &crate::blocks::BLOCK_SIZES);
+        assert_eq!(s.block_sizes(Stage::Autoregressive), &[1]);
+        assert_eq!(
+            base.block_sizes(Stage::StepReduction),
+            &crate::blocks::BLOCK_SIZES
+        );
+        for (o, named) in [
+            ("stepz=1", "\"stepz\""),
+            ("steps", "KEY=VALUE"),
+            ("steps=0", "steps"),
+            (
+                "step_reduction_block_sizes=[3]",
+                "step_reduction_block_sizes",
+            ),
+            ("steps=\"many\"", "steps"),
+        ] {
+            let e = base.with_overrides(&[o.into()]).unwrap_err().to_string();
+            assert!(e.contains(named), "{o}: {e}");
+        }
     }
 }
