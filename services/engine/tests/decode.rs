@@ -361,6 +361,46 @@ fn committing_a_prefix_of_a_forward_equals_committing_it_alone() {
         .is_err());
 }
 
+#[test]
+fn logits_for_some_rows_are_those_rows_of_the_full_forward() {
+    // A decoder asks for the open block's rows only (and a prefill for its last): the LM head
+    // runs over those, and they must be the rows a forward of every row returns, with the same
+    // cache left behind.
+    use sdlm_engine::LogitRows;
+    let m = model("qwen2-tied-bf16", false);
+    let prompt: Vec<u32> = (0..9u32).map(|i| (i * 13 + 4) % 120).collect();
+    let tokens = [7u32, 8, 9, 10, MASK, MASK, MASK];
+    for (rows, first, count) in [
+        (LogitRows::All, 0, 7),
+        (LogitRows::From(4), 4, 3),
+        (LogitRows::From(3), 3, 4),
+        (LogitRows::Last, 6, 1),
+        (LogitRows::None, 7, 0),
+    ] {
+        let (mut all, mut some) = (sdlm_engine::KvCache::new(), sdlm_engine::KvCache::new());
+        m.forward_cached(&prompt, &mut all, 1, true).unwrap();
+        m.forward_cached(&prompt, &mut some, 1, true).unwrap();
+        let want = m
+            .forward_cached_committing(&tokens, &mut all, 4, 4)
+            .unwrap();
+        let got = m
+            .forward_cached_rows(&tokens, &mut some, 4, 4, rows)
+            .unwrap();
+        assert_eq!(got.dims(), [count, want.dim(1).unwrap()], "{rows:?}");
+        if count > 0 {
+            let d = common::max_abs_diff(&got, &want.narrow(0, first, count).unwrap());
+            assert!(d <= 1e-5, "{rows:?}: {d}");
+        }
+        let probe = [MASK, MASK];
+        let a = m.forward_cached(&probe, &mut all, 2, false).unwrap();
+        let b = m.forward_cached(&probe, &mut some, 2, false).unwrap();
+        assert!(
+            common::max_abs_diff(&a, &b) <= 1e-5,
+            "{rows:?}: the caches differ"
+        );
+    }
+}
+
 /// A sequence moved to another worker after any number of committed blocks continues exactly
 /// as the uninterrupted run: the replay rebuilds the cache with the masks the first run used.
 #[test]

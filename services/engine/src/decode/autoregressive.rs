@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::{prefill, rows, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler};
 use crate::error::Result;
-use crate::model::{Model, SequenceCache};
+use crate::model::{LogitRows, Model, SequenceCache};
 
 pub struct AutoregressiveDecoder<'m> {
     model: &'m Model,
@@ -74,7 +74,9 @@ impl Decoder for AutoregressiveDecoder<'_> {
         if self.progress.completion.len() >= self.max_new_tokens {
             self.progress.finish = Some(FinishReason::Length);
         } else {
-            let logits = self.cache.forward(self.model, &[token], 1, 1)?;
+            let logits = self
+                .cache
+                .forward(self.model, &[token], 1, 1, LogitRows::All)?;
             self.progress.stats.commit_forwards += 1;
             self.last_logits = rows(&logits)?.pop().unwrap_or_default();
         }

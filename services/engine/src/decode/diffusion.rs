@@ -14,7 +14,7 @@ use super::{
     prefill, rows, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler,
 };
 use crate::error::{EngineError, Result};
-use crate::model::{Model, SequenceCache};
+use crate::model::{LogitRows, Model, SequenceCache};
 
 pub struct DiffusionDecoder<'m> {
     model: &'m Model,
@@ -87,9 +87,13 @@ impl<'m> DiffusionDecoder<'m> {
         let last_start = committed.len().saturating_sub(1) / block * block;
         if last_start > 0 {
             let start = Instant::now();
-            decoder
-                .cache
-                .forward(model, &committed[..last_start], block, last_start)?;
+            decoder.cache.forward(
+                model,
+                &committed[..last_start],
+                block,
+                last_start,
+                LogitRows::None,
+            )?;
             decoder.progress.stats.prefill_forwards += 1;
             decoder.progress.stats.prefill_seconds += start.elapsed().as_secs_f64();
         }
@@ -135,21 +139,26 @@ impl<'m> DiffusionDecoder<'m> {
         self.progress.stats.denoise_forwards += 1;
         let pending = std::mem::take(&mut self.pending);
         if pending.is_empty() {
-            return self.cache.forward(self.model, &self.block, len, 0);
+            return self
+                .cache
+                .forward(self.model, &self.block, len, 0, LogitRows::All);
         }
         // The finished block is query block 0 and the open one block 1: only the final block of
         // a generation is shorter than the one before it, so the open block never spills over.
+        // Of the finished block only its last row's logits are read, and only when it predicts
+        // the next token.
         let p = pending.len();
         debug_assert!(len <= p);
         let mut tokens = pending;
         tokens.extend_from_slice(&self.block);
-        let logits = self.cache.forward(self.model, &tokens, p, p)?;
+        let first = if self.shift { p - 1 } else { p };
+        let logits = self
+            .cache
+            .forward(self.model, &tokens, p, p, LogitRows::From(first))?;
         if self.shift {
-            self.last_logits = rows(&logits.narrow(0, p - 1, 1)?)?
-                .pop()
-                .unwrap_or_default();
+            self.last_logits = rows(&logits.narrow(0, 0, 1)?)?.pop().unwrap_or_default();
         }
-        Ok(logits.narrow(0, p, len)?)
+        Ok(logits.narrow(0, p - first, len)?)
     }
 
     /// One denoising step over the open block.

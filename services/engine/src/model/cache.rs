@@ -44,23 +44,22 @@ pub trait SequenceCache: Send {
         0
     }
 
-    /// Logits `[n, vocab]` for the next n tokens of the sequence (at positions after the
-    /// committed ones, seeing all of them, and each other by the query-block rule); the first
-    /// `commit` of them join the cache.
+    /// Logits for the next n tokens of the sequence (at positions after the committed ones,
+    /// seeing all of them, and each other by the query-block rule), `[rows, vocab]` for the rows
+    /// `logits` names; the first `commit` of the tokens join the cache.
     fn forward(
         &mut self,
         model: &super::Model,
         tokens: &[u32],
         query_block: usize,
         commit: usize,
+        logits: super::LogitRows,
     ) -> crate::error::Result<Tensor>;
 
     /// A prefill: `tokens` run causally and all join the cache; only the last one's logits
     /// (`[1, vocab]`) come back, which lets a cache skip the LM head for the others.
     fn prefill(&mut self, model: &super::Model, tokens: &[u32]) -> crate::error::Result<Tensor> {
-        let n = tokens.len();
-        let logits = self.forward(model, tokens, 1, n)?;
-        Ok(logits.narrow(0, n.saturating_sub(1), 1)?)
+        self.forward(model, tokens, 1, tokens.len(), super::LogitRows::Last)
     }
 }
 
@@ -71,7 +70,8 @@ impl SequenceCache for KvCache {
         tokens: &[u32],
         query_block: usize,
         commit: usize,
+        logits: super::LogitRows,
     ) -> crate::error::Result<Tensor> {
-        model.forward_cached_committing(tokens, self, query_block, commit)
+        model.forward_cached_rows(tokens, self, query_block, commit, logits)
     }
 }

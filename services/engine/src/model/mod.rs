@@ -10,6 +10,7 @@ mod f32_rows;
 mod ggml_rounding;
 mod layers;
 mod masked_attention;
+mod on_workers;
 mod paged;
 mod q8_matmul;
 mod row_tasks;
@@ -100,7 +101,7 @@ impl Model {
                 mask.dims()
             )));
         }
-        self.run(input_ids, positions, mask, None, Ops::Fast)
+        self.run(input_ids, positions, mask, None, 0..len)
             .map(|(logits, _)| logits)
     }
 
@@ -198,6 +199,19 @@ impl Model {
         query_block: usize,
         commit_len: usize,
     ) -> Result<Tensor> {
+        self.forward_cached_rows(tokens, cache, query_block, commit_len, LogitRows::All)
+    }
+
+    /// [`Model::forward_cached_committing`] returning logits only for the rows `logits` names
+    /// (`[rows, vocab]`); the LM head runs over those rows only.
+    pub fn forward_cached_rows(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        query_block: usize,
+        commit_len: usize,
+        logits: LogitRows,
+    ) -> Result<Tensor> {
         let (ctx, n) = (cache.len(), tokens.len());
         if n == 0 || commit_len > n {
             return Err(EngineError::Input(format!(
@@ -212,7 +226,8 @@ impl Model {
             block: query_block.max(1),
         };
         let mask = rule.additive_rows(ctx..ctx + n, ctx + n, &device)?;
-        let (logits, kv) = self.run(&input, &positions, &mask, Some(cache.layers()), Ops::Fast)?;
+        let past = Some(cache.layers());
+        let (logits, kv) = self.run(&input, &positions, &mask, past, logits.range(n))?;
         if commit_len == n {
             cache.replace(kv, ctx + n);
         } else if commit_len > 0 {
@@ -230,17 +245,28 @@ impl Model {
         Ok(logits.squeeze(0)?)
     }
 
-    /// One forward of new tokens over optional past keys/values per layer.
+    /// One inference forward of new tokens over optional past keys/values per layer; logits for
+    /// the new tokens `rows` only.
     fn run(
         &self,
         input_ids: &Tensor,
         positions: &[u32],
         mask: &Tensor,
         past: Option<&[(Tensor, Tensor)]>,
-        ops: Ops,
+        rows: std::ops::Range<usize>,
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        let (x, kv) = self.hidden(input_ids, positions, mask, past, ops)?;
-        Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, kv))
+        on_workers::on_workers(self.device(), || {
+            let (x, kv) = self.hidden(input_ids, positions, mask, past, Ops::Fast)?;
+            let (batch, vocab) = (x.dim(0)?, self.config.vocab_size);
+            if rows.is_empty() {
+                return Ok((
+                    Tensor::zeros((batch, 0, vocab), DType::F32, x.device())?,
+                    kv,
+                ));
+            }
+            let x = x.narrow(1, rows.start, rows.len())?;
+            Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, kv))
+        })
     }
 
     /// The final-norm hidden states of [`Model::run`], before the LM head.

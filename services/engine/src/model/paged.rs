@@ -28,14 +28,17 @@ pub struct PagedSeq<'a> {
     pub logits: LogitRows,
 }
 
-/// Which of a sequence's new tokens a paged forward returns logits for. A prefill needs only
-/// its last token's, a prompt chunk none: skipping the LM head for the rest saves its
+/// Which of a sequence's new tokens a forward returns logits for. A prefill needs only its last
+/// token's, a prompt chunk none, a finished block run ahead of the next block's masks none (or
+/// its last, when position i − 1 predicts token i): skipping the LM head for the rest saves its
 /// `hidden × vocab` multiply-adds per token, a large share of a small model's forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitRows {
     All,
     Last,
     None,
+    /// The new tokens from this index on.
+    From(usize),
 }
 
 impl LogitRows {
@@ -45,6 +48,7 @@ impl LogitRows {
             LogitRows::All => 0..n,
             LogitRows::Last => n.saturating_sub(1)..n,
             LogitRows::None => n..n,
+            LogitRows::From(first) => first.min(n)..n,
         }
     }
 }
@@ -64,6 +68,10 @@ impl Model {
     /// order; the first `commit` new tokens of each sequence have their keys and values written
     /// to `storage`.
     pub fn forward_paged(&self, seqs: &[PagedSeq<'_>], storage: &mut KvStorage) -> Result<Tensor> {
+        super::on_workers::on_workers(self.device(), || self.run_paged(seqs, storage))
+    }
+
+    fn run_paged(&self, seqs: &[PagedSeq<'_>], storage: &mut KvStorage) -> Result<Tensor> {
         let shape = *storage.shape();
         if shape != self.attention_shape(shape.page_size) {
             return Err(EngineError::Input(format!(

@@ -157,8 +157,9 @@ impl SequenceCache for PagedCache {
         tokens: &[u32],
         query_block: usize,
         commit: usize,
+        logits: LogitRows,
     ) -> Result<Tensor> {
-        self.run(model, tokens, query_block, commit, LogitRows::All)
+        self.run(model, tokens, query_block, commit, logits)
     }
 
     fn prefill(&mut self, model: &Model, tokens: &[u32]) -> Result<Tensor> {
