@@ -60,12 +60,14 @@ pub fn edit_count(len: usize, alpha: f64) -> usize {
     (len as f64 * alpha).floor() as usize
 }
 
-/// Corrupts `clean` block by block under `blocks`.
+/// Corrupts `clean` block by block under `blocks`. In stage 3 a `suffix_share` of the blocks
+/// are masked from a cut to their end instead of position by position (see [`mask_suffix`]).
 pub fn corrupt(
     clean: &[u32],
     blocks: &Blocks,
     stage: Stage,
     mask_id: u32,
+    suffix_share: f64,
     rng: &mut TrainRng,
 ) -> Corrupted {
     let len = clean.len();
@@ -115,6 +117,10 @@ pub fn corrupt(
     }
     if mask_too {
         for b in 0..blocks.count(len) {
+            if stage == Stage::StepReduction && suffix_share > 0.0 && rng.uniform() < suffix_share {
+                mask_suffix(&mut out, blocks.range(b, len), mask_id, rng);
+                continue;
+            }
             let t = rng.range(T_MIN, 1.0);
             for p in blocks.range(b, len) {
                 if rng.uniform() < t {
@@ -126,6 +132,27 @@ pub fn corrupt(
         }
     }
     out
+}
+
+/// Masks the block `range` from a cut drawn uniformly in it to its end, at weight 1/t for the
+/// masked share t. A denoiser at τ = 0.9 mostly unmasks a block left to right, so its states
+/// are a decoded prefix and a masked rest; position-by-position masking rarely draws those in a
+/// large block, and a step commits a second token only when the model is sure of it with the
+/// first still masked, which this trains directly.
+fn mask_suffix(
+    out: &mut Corrupted,
+    range: std::ops::Range<usize>,
+    mask_id: u32,
+    rng: &mut TrainRng,
+) {
+    let n = range.len();
+    let cut = rng.below(n);
+    let t = (n - cut) as f64 / n as f64;
+    for p in range.skip(cut) {
+        out.tokens[p] = mask_id;
+        out.masked[p] = true;
+        out.weights[p] = (1.0 / t) as f32;
+    }
 }
 
 /// `k` random edit operations on `x`: a substitution, insertion or deletion, each equally likely
@@ -205,7 +232,7 @@ mod tests {
         let blocks = Blocks::new(4000, 0);
         let mut rng = TrainRng::new(3);
         for _ in 0..20 {
-            let c = corrupt(&x, &blocks, Stage::Mask, MASK, &mut rng);
+            let c = corrupt(&x, &blocks, Stage::Mask, MASK, 0.0, &mut rng);
             let masked = c.masked.iter().filter(|&&m| m).count();
             if masked == 0 {
                 continue;
@@ -224,6 +251,47 @@ mod tests {
     }
 
     #[test]
+    fn step_reduction_masks_a_suffix_of_the_share_of_blocks_it_is_given() {
+        let x = clean(64);
+        let blocks = Blocks::new(8, 0);
+        let (mut rng, mut suffixes, mut total) = (TrainRng::new(9), 0, 0);
+        for _ in 0..200 {
+            let c = corrupt(&x, &blocks, Stage::StepReduction, MASK, 1.0, &mut rng);
+            for b in 0..8 {
+                let m = &c.masked[b * 8..(b + 1) * 8];
+                let cut = m
+                    .iter()
+                    .position(|&m| m)
+                    .expect("at least the last position");
+                assert!(
+                    m[cut..].iter().all(|&m| m),
+                    "masked from the cut to the end: {m:?}"
+                );
+                let t = (8 - cut) as f32 / 8.0;
+                assert!(c.weights[b * 8 + cut..(b + 1) * 8]
+                    .iter()
+                    .all(|&w| (w - 1.0 / t).abs() < 1e-6));
+                assert!(c.weights[b * 8..b * 8 + cut].iter().all(|&w| w == 0.0));
+            }
+            // At share 0.5 about half the blocks are suffixes (a random mask is one only by
+            // chance: about 2/9 of them at uniform t).
+            let c = corrupt(&x, &blocks, Stage::StepReduction, MASK, 0.5, &mut rng);
+            for b in 0..8 {
+                let m = &c.masked[b * 8..(b + 1) * 8];
+                let cut = m.iter().position(|&m| m).unwrap_or(8);
+                suffixes += m[cut..].iter().all(|&m| m) as usize;
+                total += 1;
+            }
+        }
+        let share = suffixes as f64 / total as f64;
+        assert!((0.55..0.70).contains(&share), "{share}");
+        // Other stages ignore the share.
+        let a = corrupt(&x, &blocks, Stage::Mask, MASK, 1.0, &mut TrainRng::new(3));
+        let b = corrupt(&x, &blocks, Stage::Mask, MASK, 0.0, &mut TrainRng::new(3));
+        assert_eq!(a.tokens, b.tokens);
+    }
+
+    #[test]
     fn autoregressive_stage_masks_every_position_at_weight_one() {
         let x = clean(50);
         let mut rng = TrainRng::new(5);
@@ -232,6 +300,7 @@ mod tests {
             &Blocks::new(1, 0),
             Stage::Autoregressive,
             MASK,
+            0.0,
             &mut rng,
         );
         assert!(c.tokens.iter().all(|&t| t == MASK));
@@ -248,7 +317,7 @@ mod tests {
             for block in [1, 4, 32] {
                 let blocks = Blocks::new(block, 0);
                 for _ in 0..50 {
-                    let c = corrupt(&x, &blocks, Stage::Edit, MASK, &mut rng);
+                    let c = corrupt(&x, &blocks, Stage::Edit, MASK, 0.0, &mut rng);
                     assert_eq!(c.edits, (len as f64 * c.edit_rate).floor() as usize);
                     assert!(c.levenshtein <= c.edits, "{} > {}", c.levenshtein, c.edits);
                     assert_eq!(c.tokens.len(), len);

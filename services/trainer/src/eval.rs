@@ -91,6 +91,7 @@ pub fn evaluate(
             &bound_blocks,
             Stage::Mask,
             mask_id,
+            0.0,
             &mut rng,
             &device,
         )?;

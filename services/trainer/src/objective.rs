@@ -49,6 +49,7 @@ impl Batch {
         blocks: &Blocks,
         stage: Stage,
         mask_id: u32,
+        suffix_share: f64,
         rng: &mut TrainRng,
         device: &Device,
     ) -> Result<Self, TrainerError> {
@@ -61,7 +62,7 @@ impl Batch {
         let (mut inputs, mut targets, mut weights, mut masked) = (vec![], vec![], vec![], vec![]);
         let (mut edits, mut levenshtein) = (0, 0);
         for seq in clean {
-            let c = corrupt(seq, blocks, stage, mask_id, rng);
+            let c = corrupt(seq, blocks, stage, mask_id, suffix_share, rng);
             inputs.extend_from_slice(&c.tokens);
             inputs.extend_from_slice(seq);
             targets.extend_from_slice(seq);

@@ -177,6 +177,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
                 &blocks,
                 stage,
                 MASK_ID,
+                settings.step_reduction_suffix_share,
                 &mut state.rng,
                 &device,
             )?);

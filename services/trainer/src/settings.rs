@@ -57,6 +57,10 @@ pub struct Settings {
     /// will use.
     #[serde(default)]
     pub step_reduction_block_sizes: Vec<usize>,
+    /// Share of stage 3's blocks masked from a uniformly drawn cut to their end rather than
+    /// position by position: the decoded-prefix, masked-rest states of a left-to-right denoiser.
+    #[serde(default)]
+    pub step_reduction_suffix_share: f64,
     pub warmup_steps: usize,
     pub learning_rate: f64,
     /// The cosine decays to learning_rate · min_lr_ratio.
@@ -98,6 +102,7 @@ impl Settings {
                 step_reduction_prompts: 0,
                 step_reduction_rounds: 0,
                 step_reduction_block_sizes: Vec::new(),
+                step_reduction_suffix_share: 0.0,
                 warmup_steps: 5,
                 learning_rate: 3e-3,
                 min_lr_ratio: 0.1,
@@ -140,6 +145,7 @@ impl Settings {
                 step_reduction_prompts: 0,
                 step_reduction_rounds: 0,
                 step_reduction_block_sizes: Vec::new(),
+                step_reduction_suffix_share: 0.0,
                 warmup_steps: 50,
                 learning_rate: 2e-3,
                 min_lr_ratio: 0.1,
@@ -160,6 +166,9 @@ impl Settings {
                 s.mask_stage_share = 0.0;
                 s.step_reduction_share = 1.0;
                 s.step_reduction_prompts = 2048;
+                // Half the blocks masked as suffixes: one round from the shipped model raised
+                // tokens per forward at τ 0.9 from 2.20 to 2.51 (B 8) and 2.52 (B 32).
+                s.step_reduction_suffix_share = 0.5;
                 s.warmup_steps = 20;
                 s.learning_rate = 5e-4;
                 s.eval_every = 100;
@@ -227,6 +236,12 @@ impl Settings {
             return bad(
                 "step_reduction_share",
                 format!("{} is outside [0, 1]", self.step_reduction_share),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.step_reduction_suffix_share) {
+            return bad(
+                "step_reduction_suffix_share",
+                format!("{} is outside [0, 1]", self.step_reduction_suffix_share),
             );
         }
         if self.step_reduction_share > 0.0 && self.step_reduction_prompts == 0 {

@@ -45,6 +45,7 @@ fn training_overfits_a_fixed_small_batch() {
         &Blocks::new(4, 1),
         Stage::Mask,
         MASK_ID,
+        0.0,
         &mut rng,
         &Device::Cpu,
     )
