@@ -2,8 +2,9 @@
 """Code-completion prompts from a training run's held-out files (never seen in training).
 
 Each prompt is a top-level function's header and its first body line, cut from the held-out
-Python files listed in RUN/files.txt; at most two per file, in file order, so the set is a fixed
-function of the split. Usage: heldout-prompts.py RUN_DIR [N] > prompts.jsonl
+Python files listed in RUN/files.txt; at most PER_FILE (default two) per file, in file order, so
+the set is a fixed function of the split. Usage: heldout-prompts.py RUN_DIR [N [PER_FILE]] >
+prompts.jsonl
 """
 import json
 import sys
@@ -32,6 +33,7 @@ def prompts_of(text):
 def main():
     run = Path(sys.argv[1])
     limit = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    per_file = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     files = [
         line.split("\t", 1)[1].strip()
         for line in (run / "files.txt").read_text().splitlines()
@@ -44,7 +46,7 @@ def main():
         except (OSError, UnicodeDecodeError):
             continue
         for k, prompt in enumerate(prompts_of(text)):
-            if k == 2 or len(prompt) > 400:
+            if k == per_file or len(prompt) > 400:
                 break
             out.append({"prompt": prompt, "source": Path(path).name})
         if len(out) >= limit:

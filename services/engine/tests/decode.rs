@@ -363,19 +363,25 @@ fn committing_a_prefix_of_a_forward_equals_committing_it_alone() {
 
 #[test]
 fn logits_for_some_rows_are_those_rows_of_the_full_forward() {
-    // A decoder asks for the open block's rows only (and a prefill for its last): the LM head
-    // runs over those, and they must be the rows a forward of every row returns, with the same
-    // cache left behind.
+    // A decoder asks for the open block's rows only, or its still-masked ones (and a prefill
+    // for its last): the LM head runs over those, and they must be the rows a forward of every
+    // row returns, with the same cache left behind.
     use sdlm_engine::LogitRows;
     let m = model("qwen2-tied-bf16", false);
     let prompt: Vec<u32> = (0..9u32).map(|i| (i * 13 + 4) % 120).collect();
-    let tokens = [7u32, 8, 9, 10, MASK, MASK, MASK];
-    for (rows, first, count) in [
-        (LogitRows::All, 0, 7),
-        (LogitRows::From(4), 4, 3),
-        (LogitRows::From(3), 3, 4),
-        (LogitRows::Last, 6, 1),
-        (LogitRows::None, 7, 0),
+    let tokens = [7u32, 8, 9, 10, MASK, 11, MASK];
+    let masked = |first| LogitRows::Masked {
+        first,
+        mask_id: MASK,
+    };
+    for (rows, want_rows) in [
+        (LogitRows::All, vec![0, 1, 2, 3, 4, 5, 6]),
+        (LogitRows::From(4), vec![4, 5, 6]),
+        (LogitRows::From(3), vec![3, 4, 5, 6]),
+        (LogitRows::Last, vec![6]),
+        (LogitRows::None, vec![]),
+        (masked(4), vec![4, 6]),
+        (masked(5), vec![6]),
     ] {
         let (mut all, mut some) = (sdlm_engine::KvCache::new(), sdlm_engine::KvCache::new());
         m.forward_cached(&prompt, &mut all, 1, true).unwrap();
@@ -386,9 +392,12 @@ fn logits_for_some_rows_are_those_rows_of_the_full_forward() {
         let got = m
             .forward_cached_rows(&tokens, &mut some, 4, 4, rows)
             .unwrap();
-        assert_eq!(got.dims(), [count, want.dim(1).unwrap()], "{rows:?}");
-        if count > 0 {
-            let d = common::max_abs_diff(&got, &want.narrow(0, first, count).unwrap());
+        let vocab = want.dim(1).unwrap();
+        assert_eq!(got.dims(), [want_rows.len(), vocab], "{rows:?}");
+        if !want_rows.is_empty() {
+            let idx: Vec<u32> = want_rows.iter().map(|&r| r as u32).collect();
+            let idx = sdlm_engine::Tensor::new(idx.as_slice(), &Device::Cpu).unwrap();
+            let d = common::max_abs_diff(&got, &want.index_select(&idx, 0).unwrap());
             assert!(d <= 1e-5, "{rows:?}: {d}");
         }
         let probe = [MASK, MASK];

@@ -122,6 +122,26 @@ impl<'m> DiffusionDecoder<'m> {
             return Ok(vec![self.last_logits.clone()]);
         }
         let logits = self.forward_block()?;
+        if self.masked_rows_only() {
+            // Rows came for the masked positions only, in order; the others are never read.
+            let got = rows(&logits)?;
+            let wanted = self.masked.iter().filter(|&&m| m).count();
+            if got.len() != wanted {
+                return Err(EngineError::Input(format!(
+                    "the forward returned {} logits rows for {wanted} masked positions",
+                    got.len()
+                )));
+            }
+            let mut got = got.into_iter();
+            return Ok(self
+                .masked
+                .iter()
+                .map(|&m| match m {
+                    true => got.next().unwrap_or_default(),
+                    false => Vec::new(),
+                })
+                .collect());
+        }
         let mut rows = rows(&logits)?;
         if self.shift {
             // Row i predicts position i + 1; position 0 reads the last committed token's row.
@@ -132,16 +152,30 @@ impl<'m> DiffusionDecoder<'m> {
         Ok(rows)
     }
 
+    /// Whether a step reads only the masked positions' predictions: no self-correction, and
+    /// each position predicted by its own row (with `shift` a masked position's row is the one
+    /// before it, and the LM head runs over the whole block).
+    fn masked_rows_only(&self) -> bool {
+        !self.params.refine && !self.shift
+    }
+
     /// One forward of the open block over the cache, with the pending finished block (if any)
-    /// ahead of it and committed by the same forward. Returns the open block's logits.
+    /// ahead of it and committed by the same forward. Returns the open block's logits: every
+    /// row, or the masked positions' rows only when that is all a step reads.
     fn forward_block(&mut self) -> Result<candle_core::Tensor> {
         let len = self.block.len();
         self.progress.stats.denoise_forwards += 1;
         let pending = std::mem::take(&mut self.pending);
+        let open_rows = |first: usize| match self.masked_rows_only() {
+            true => LogitRows::Masked {
+                first,
+                mask_id: self.mask_id,
+            },
+            false => LogitRows::From(first),
+        };
         if pending.is_empty() {
-            return self
-                .cache
-                .forward(self.model, &self.block, len, 0, LogitRows::All);
+            let wanted = open_rows(0);
+            return self.cache.forward(self.model, &self.block, len, 0, wanted);
         }
         // The finished block is query block 0 and the open one block 1: only the final block of
         // a generation is shorter than the one before it, so the open block never spills over.
@@ -152,13 +186,13 @@ impl<'m> DiffusionDecoder<'m> {
         let mut tokens = pending;
         tokens.extend_from_slice(&self.block);
         let first = if self.shift { p - 1 } else { p };
-        let logits = self
-            .cache
-            .forward(self.model, &tokens, p, p, LogitRows::From(first))?;
+        let wanted = open_rows(first);
+        let logits = self.cache.forward(self.model, &tokens, p, p, wanted)?;
         if self.shift {
             self.last_logits = rows(&logits.narrow(0, 0, 1)?)?.pop().unwrap_or_default();
+            return Ok(logits.narrow(0, 1, len)?);
         }
-        Ok(logits.narrow(0, p - first, len)?)
+        Ok(logits)
     }
 
     /// One denoising step over the open block.

@@ -101,7 +101,8 @@ impl Model {
                 mask.dims()
             )));
         }
-        self.run(input_ids, positions, mask, None, 0..len)
+        let all: Vec<usize> = (0..len).collect();
+        self.run(input_ids, positions, mask, None, &all)
             .map(|(logits, _)| logits)
     }
 
@@ -227,7 +228,7 @@ impl Model {
         };
         let mask = rule.additive_rows(ctx..ctx + n, ctx + n, &device)?;
         let past = Some(cache.layers());
-        let (logits, kv) = self.run(&input, &positions, &mask, past, logits.range(n))?;
+        let (logits, kv) = self.run(&input, &positions, &mask, past, &logits.rows(tokens))?;
         if commit_len == n {
             cache.replace(kv, ctx + n);
         } else if commit_len > 0 {
@@ -253,7 +254,7 @@ impl Model {
         positions: &[u32],
         mask: &Tensor,
         past: Option<&[(Tensor, Tensor)]>,
-        rows: std::ops::Range<usize>,
+        rows: &[usize],
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         on_workers::on_workers(self.device(), || {
             let (x, kv) = self.hidden(input_ids, positions, mask, past, Ops::Fast)?;
@@ -264,7 +265,16 @@ impl Model {
                     kv,
                 ));
             }
-            let x = x.narrow(1, rows.start, rows.len())?;
+            let x = match rows.first() {
+                // Consecutive rows (all of them, a block, the last) are a view, not a copy.
+                Some(&first) if rows.windows(2).all(|w| w[1] == w[0] + 1) => {
+                    x.narrow(1, first, rows.len())?
+                }
+                _ => {
+                    let picked: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                    x.index_select(&Tensor::new(picked.as_slice(), x.device())?, 1)?
+                }
+            };
             Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, kv))
         })
     }

@@ -39,16 +39,26 @@ pub enum LogitRows {
     None,
     /// The new tokens from this index on.
     From(usize),
+    /// The new tokens from `first` on that are `mask_id`: a denoising step that revises no
+    /// decoded token reads the still-masked positions only.
+    Masked {
+        first: usize,
+        mask_id: u32,
+    },
 }
 
 impl LogitRows {
-    /// The rows (of `n` new tokens) whose logits are returned.
-    pub(crate) fn range(self, n: usize) -> std::ops::Range<usize> {
+    /// The rows (indices into the new `tokens`) whose logits are returned, in order.
+    pub(crate) fn rows(self, tokens: &[u32]) -> Vec<usize> {
+        let n = tokens.len();
         match self {
-            LogitRows::All => 0..n,
-            LogitRows::Last => n.saturating_sub(1)..n,
-            LogitRows::None => n..n,
-            LogitRows::From(first) => first.min(n)..n,
+            LogitRows::All => (0..n).collect(),
+            LogitRows::Last => (n.saturating_sub(1)..n).collect(),
+            LogitRows::None => Vec::new(),
+            LogitRows::From(first) => (first.min(n)..n).collect(),
+            LogitRows::Masked { first, mask_id } => (first.min(n)..n)
+                .filter(|&i| tokens[i] == mask_id)
+                .collect(),
         }
     }
 }
@@ -102,7 +112,12 @@ impl Model {
                 tables[i * max_pages + j] = p as i32;
             }
             commits.push((ids.len(), s.context, s.commit));
-            wanted.extend(s.logits.range(n).map(|r| (ids.len() + r) as u32));
+            wanted.extend(
+                s.logits
+                    .rows(s.tokens)
+                    .iter()
+                    .map(|&r| (ids.len() + r) as u32),
+            );
             ids.extend_from_slice(s.tokens);
             positions.extend((s.context..s.context + n).map(|p| p as u32));
             starts.push(ids.len() as i32);

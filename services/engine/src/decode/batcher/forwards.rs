@@ -199,7 +199,7 @@ fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<ForwardReques
     let logits = model.forward_paged(&seqs, storage);
     let mut at = 0;
     for r in &requests {
-        let n = r.logits.range(r.tokens.len()).len();
+        let n = r.logits.rows(&r.tokens).len();
         let answer = match &logits {
             Ok(l) => l.narrow(0, at, n).map_err(EngineError::from),
             Err(e) => Err(EngineError::Input(format!("batched forward: {e}"))),
