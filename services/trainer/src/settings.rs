@@ -166,15 +166,16 @@ impl Settings {
                 s.mask_stage_share = 0.0;
                 s.step_reduction_share = 1.0;
                 s.step_reduction_prompts = 2048;
-                // Half the blocks masked as suffixes: one round from the shipped model raised
-                // tokens per forward at τ 0.9 from 2.20 to 2.51 (B 8) and 2.52 (B 32).
-                s.step_reduction_suffix_share = 0.5;
+                // Blocks masked as suffixes (docs/benchmarks.md): at τ 0.9, a round at share
+                // 0.5 raised tokens per forward from 2.20 to 2.51 (B 8) and 2.52 (B 32), and a
+                // further one at share 1 to 2.84 and 2.73.
+                s.step_reduction_suffix_share = 1.0;
                 s.warmup_steps = 20;
                 s.learning_rate = 5e-4;
                 s.eval_every = 100;
-                // After step reduction, blocks of 8 decode fastest at >= 2 tokens per forward on
+                // After step reduction, blocks of 4 decode fastest at >= 2 tokens per forward on
                 // the developer machine (docs/benchmarks.md); 32 pays a 32-row forward per step.
-                s.serve_block_size = 8;
+                s.serve_block_size = 4;
                 Ok(s)
             }
             other => Err(TrainerError::Input(format!(
