@@ -21,8 +21,8 @@ pub enum Stage {
     Mask,
     /// Edits, on top of masking half of the time; loss at every position.
     Edit,
-    /// On-policy step reduction: mask-only corruption, as in stage 1, of the model's own greedy
-    /// continuations.
+    /// On-policy step reduction: mask-only corruption of the model's own greedy continuations,
+    /// a share of the blocks masked as suffixes (the rest as in stage 1).
     StepReduction,
 }
 
@@ -273,8 +273,8 @@ mod tests {
                     .all(|&w| (w - 1.0 / t).abs() < 1e-6));
                 assert!(c.weights[b * 8..b * 8 + cut].iter().all(|&w| w == 0.0));
             }
-            // At share 0.5 about half the blocks are suffixes (a random mask is one only by
-            // chance: about 2/9 of them at uniform t).
+            // At share 0.5 about half the blocks are suffixes, plus the random masks that are
+            // suffixes by chance (about a quarter of 8-position masks at uniform t).
             let c = corrupt(&x, &blocks, Stage::StepReduction, MASK, 0.5, &mut rng);
             for b in 0..8 {
                 let m = &c.masked[b * 8..(b + 1) * 8];

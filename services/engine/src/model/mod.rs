@@ -9,6 +9,7 @@ mod cache;
 mod f32_rows;
 mod ggml_rounding;
 mod layers;
+mod logit_rows;
 mod masked_attention;
 mod on_workers;
 mod paged;
@@ -27,7 +28,8 @@ use layers::{DecoderLayer, Ops, Rotary};
 use source::{Proj, Safetensors, WeightSource};
 
 pub use cache::{KvCache, SequenceCache};
-pub use paged::{LogitRows, PagedSeq};
+pub use logit_rows::LogitRows;
+pub use paged::PagedSeq;
 
 pub struct Model {
     embed_tokens: Embedding,

@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Tensor};
 use sdlm_kernels::{AttentionShape, RaggedBatch};
 
 use super::layers::{self, Ops, PagedStep};
+use super::LogitRows;
 use super::Model;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvStorage, TableView};
@@ -26,41 +27,6 @@ pub struct PagedSeq<'a> {
     pub commit: usize,
     /// Which of the new tokens' logits to return.
     pub logits: LogitRows,
-}
-
-/// Which of a sequence's new tokens a forward returns logits for. A prefill needs only its last
-/// token's, a prompt chunk none, a finished block run ahead of the next block's masks none (or
-/// its last, when position i − 1 predicts token i): skipping the LM head for the rest saves its
-/// `hidden × vocab` multiply-adds per token, a large share of a small model's forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogitRows {
-    All,
-    Last,
-    None,
-    /// The new tokens from this index on.
-    From(usize),
-    /// The new tokens from `first` on that are `mask_id`: a denoising step that revises no
-    /// decoded token reads the still-masked positions only.
-    Masked {
-        first: usize,
-        mask_id: u32,
-    },
-}
-
-impl LogitRows {
-    /// The rows (indices into the new `tokens`) whose logits are returned, in order.
-    pub(crate) fn rows(self, tokens: &[u32]) -> Vec<usize> {
-        let n = tokens.len();
-        match self {
-            LogitRows::All => (0..n).collect(),
-            LogitRows::Last => (n.saturating_sub(1)..n).collect(),
-            LogitRows::None => Vec::new(),
-            LogitRows::From(first) => (first.min(n)..n).collect(),
-            LogitRows::Masked { first, mask_id } => (first.min(n)..n)
-                .filter(|&i| tokens[i] == mask_id)
-                .collect(),
-        }
-    }
 }
 
 impl Model {
