@@ -170,9 +170,9 @@ impl Model {
                 mask.dims()
             )));
         }
-        Ok(self
-            .hidden(input_ids, positions, mask, None, Ops::Differentiable)?
-            .0)
+        let ops = Ops::Differentiable;
+        let (x, _) = self.layers_out(input_ids, positions, mask, None, ops)?;
+        Ok(layers::rms_norm(&self.norm, &x, ops)?)
     }
 
     /// Logits `[n, vocab]` for `tokens`, the next n tokens of the sequence whose committed
@@ -259,30 +259,34 @@ impl Model {
         rows: &[usize],
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         on_workers::on_workers(self.device(), || {
-            let (x, kv) = self.hidden(input_ids, positions, mask, past, Ops::Fast)?;
-            let (batch, vocab) = (x.dim(0)?, self.config.vocab_size);
-            if rows.is_empty() {
-                return Ok((
-                    Tensor::zeros((batch, 0, vocab), DType::F32, x.device())?,
-                    kv,
-                ));
-            }
-            let x = match rows.first() {
-                // Consecutive rows (all of them, a block, the last) are a view, not a copy.
-                Some(&first) if rows.windows(2).all(|w| w[1] == w[0] + 1) => {
-                    x.narrow(1, first, rows.len())?
-                }
-                _ => {
-                    let picked: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-                    x.index_select(&Tensor::new(picked.as_slice(), x.device())?, 1)?
-                }
-            };
-            Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, kv))
+            let (x, kv) = self.layers_out(input_ids, positions, mask, past, Ops::Fast)?;
+            Ok((self.logits_of(&x, rows)?, kv))
         })
     }
 
-    /// The final-norm hidden states of [`Model::run`], before the LM head.
-    fn hidden(
+    /// Logits `[b, rows, vocab]` (f32) of the new tokens `rows` from the last layer's output
+    /// `x` (`[b, n, hidden]`): the final norm and the LM head run over those rows only. Shared by
+    /// the dense and the paged forward.
+    fn logits_of(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let (batch, vocab) = (x.dim(0)?, self.config.vocab_size);
+        let picked = match rows.first() {
+            None => return Ok(Tensor::zeros((batch, 0, vocab), DType::F32, x.device())?),
+            // Consecutive rows (all of them, a block, the last) are a view, not a copy.
+            Some(&first) if rows.windows(2).all(|w| w[1] == w[0] + 1) => {
+                x.narrow(1, first, rows.len())?
+            }
+            Some(_) => {
+                let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 1)?
+            }
+        };
+        let normed = layers::rms_norm(&self.norm, &picked, Ops::Fast)?;
+        Ok(self.lm_head.forward(&normed)?.to_dtype(DType::F32)?)
+    }
+
+    /// The last decoder layer's output (before the final norm), and each layer's keys/values
+    /// of past and new tokens.
+    fn layers_out(
         &self,
         input_ids: &Tensor,
         positions: &[u32],
@@ -299,7 +303,7 @@ impl Model {
             x = y;
             kv.push(layer_kv);
         }
-        Ok((layers::rms_norm(&self.norm, &x, ops)?, kv))
+        Ok((x, kv))
     }
 
     pub fn device(&self) -> &Device {

@@ -3,10 +3,10 @@
 //! AR token) at its own positions; the projections and MLPs run once over all of them, and
 //! attention reads each sequence's committed tokens from its pages.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use sdlm_kernels::{AttentionShape, RaggedBatch};
 
-use super::layers::{self, Ops, PagedStep};
+use super::layers::PagedStep;
 use super::LogitRows;
 use super::Model;
 use crate::error::{EngineError, Result};
@@ -63,7 +63,7 @@ impl Model {
         let (mut starts, mut contexts, mut blocks) = (vec![0i32], Vec::new(), Vec::new());
         let mut tables = vec![0i32; seqs.len() * max_pages];
         let (mut ids, mut positions, mut commits) = (Vec::new(), Vec::new(), Vec::new());
-        let mut wanted: Vec<u32> = Vec::new();
+        let mut wanted: Vec<usize> = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
             let n = s.tokens.len();
             if n == 0 || s.commit > n || s.context + s.commit > s.table.len || s.query_block == 0 {
@@ -78,12 +78,7 @@ impl Model {
                 tables[i * max_pages + j] = p as i32;
             }
             commits.push((ids.len(), s.context, s.commit));
-            wanted.extend(
-                s.logits
-                    .rows(s.tokens)
-                    .iter()
-                    .map(|&r| (ids.len() + r) as u32),
-            );
+            wanted.extend(s.logits.rows(s.tokens).iter().map(|&r| ids.len() + r));
             ids.extend_from_slice(s.tokens);
             positions.extend((s.context..s.context + n).map(|p| p as u32));
             starts.push(ids.len() as i32);
@@ -109,18 +104,6 @@ impl Model {
         for (layer, block) in self.layers.iter().enumerate() {
             x = block.forward_paged(&x, &cos, &sin, &step, storage, layer)?;
         }
-        if wanted.is_empty() {
-            return Ok(Tensor::zeros(
-                (0, self.config.vocab_size),
-                DType::F32,
-                self.device(),
-            )?);
-        }
-        if wanted.len() < ids.len() {
-            let rows = Tensor::new(wanted.as_slice(), self.device())?;
-            x = x.index_select(&rows, 1)?;
-        }
-        let x = layers::rms_norm(&self.norm, &x, Ops::Fast)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?.squeeze(0)?)
+        Ok(self.logits_of(&x, &wanted)?.squeeze(0)?)
     }
 }
