@@ -49,6 +49,10 @@ pub struct Args {
     /// cpu, cuda or cuda:N (cuda needs an sdlm built with --features cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dense matmuls on the CPU: f32 (exact) or bf16 (inputs and weights rounded to bf16, f32
+    /// sums, on the AMX tiles of an Intel Xeon Sapphire Rapids or later).
+    #[arg(long, default_value = "f32")]
+    matmul_precision: sdlm_engine::MatmulPrecision,
     /// Use only the first N prompts.
     #[arg(long)]
     limit: Option<usize>,
@@ -109,7 +113,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("give --model PATH (or --target ADDR for a gRPC load test)");
     };
     let device = device_named(&args.device)?;
-    let (model, tokenizer) = open_model(&model_path, &device)?;
+    let (mut model, tokenizer) = open_model(&model_path, &device)?;
+    model.set_matmul_precision(args.matmul_precision)?;
     let has_mask = model.config().diffusion.mask_token_id.is_some();
     let modes = if args.mode.is_empty() {
         if has_mask {
@@ -205,7 +210,7 @@ fn report(args: &Args, path: &std::path::Path, model: &Model, rows: &[Row]) -> a
             args.max_new_tokens,
             args.max_steps_per_block
                 .map_or(String::new(), |n| format!(", max_steps_per_block {n}")),
-            device_words(model.device()),
+            device_words(model),
         );
         println!(
             "{:<15} {:>5} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10} {:>7}",
@@ -225,6 +230,7 @@ fn report(args: &Args, path: &std::path::Path, model: &Model, rows: &[Row]) -> a
                     "tokens_per_second": tps, "tokens_per_forward": tpf, "forward_passes": r.forwards,
                     "steps": r.steps, "tokens": r.tokens, "parse_rate": parse_rate,
                     "speedup_vs_autoregressive": ar_tps.map(|a| tps / a),
+                    "matmul_precision": model.matmul_precision().to_string(),
                 })
             );
         } else {
@@ -264,12 +270,14 @@ fn parameters(c: &ModelConfig) -> f64 {
     c.vocab_size as f64 * h + c.num_hidden_layers as f64 * layer + h + head
 }
 
-/// How a report names the device: the CPU with its threads, or the CUDA device.
-fn device_words(device: &Device) -> String {
-    match device {
+/// How a report names the device: the CPU with its threads and matmul precision, or the CUDA
+/// device.
+fn device_words(model: &Model) -> String {
+    match model.device() {
         Device::Cpu => format!(
-            "CPU, {} threads",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            "CPU, {} threads, {} matmuls",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            model.matmul_precision()
         ),
         other => format!("{:?}", other.location()),
     }
@@ -280,20 +288,26 @@ fn device_words(device: &Device) -> String {
 /// measured on the model's device.
 fn forward_floor(model: &Model, path: &std::path::Path) -> anyhow::Result<()> {
     let device = model.device();
-    let flops = measure_matmul_flops(device)?;
+    let measured_flops = measure_matmul_flops(device)?;
     let bandwidth = match device {
         Device::Cpu => measure_copy_bandwidth()?,
         _ => measure_device_copy_bandwidth(device)?,
     };
     let params = parameters(model.config());
+    let bf16 = model.matmul_precision() == sdlm_engine::MatmulPrecision::Bf16;
     let weight_bytes = if path.is_file() {
         std::fs::metadata(path)?.len() as f64
+    } else if bf16 {
+        params * 2.0
     } else {
         params * 4.0
     };
+    // The AMX rate is not measured: with bf16 matmuls the floor is the weights' reading alone.
+    let flops = if bf16 { f64::INFINITY } else { measured_flops };
     println!(
-        "forward over n tokens (measured here: f32 matmul {:.1} GFLOP/s, copy {:.1} GB/s; {:.0}M parameters, {:.0} MB of weights)",
-        flops / 1e9,
+        "forward over n tokens (measured here: {} matmul {:.1} GFLOP/s, copy {:.1} GB/s; {:.0}M parameters, {:.0} MB of weights)",
+        if bf16 { "f32 (bf16 not measured; floor: weights only)" } else { "f32" },
+        measured_flops / 1e9,
         bandwidth / 1e9,
         params / 1e6,
         weight_bytes / 1e6
@@ -384,7 +398,7 @@ fn batched(args: &Args, model: &Model, ids: &[Vec<u32>], modes: &[Mode]) -> anyh
             args.model.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
             ids.len(),
             args.max_new_tokens,
-            device_words(model.device()),
+            device_words(model),
             args.kv_pages,
             args.max_batch_tokens,
         );

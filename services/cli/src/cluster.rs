@@ -67,6 +67,10 @@ pub struct WorkerTuning {
     /// Where the engine runs: cpu, cuda or cuda:N (cuda needs an sdlm built with --features cuda).
     #[arg(long, env = "SDLM_DEVICE", default_value = "cpu")]
     device: String,
+    /// Dense matmuls on the CPU: f32 (exact) or bf16 (inputs and weights rounded to bf16, f32
+    /// sums, on the AMX tiles of an Intel Xeon Sapphire Rapids or later).
+    #[arg(long, env = "SDLM_MATMUL_PRECISION", default_value = "f32")]
+    matmul_precision: sdlm_engine::MatmulPrecision,
     /// Bytes of KV cache (default: half of the available memory).
     #[arg(long, env = "SDLM_KV_CACHE_BYTES")]
     kv_cache_bytes: Option<usize>,
@@ -88,6 +92,7 @@ pub struct WorkerTuning {
 impl WorkerTuning {
     pub fn apply(&self, config: &mut sdlm_worker::WorkerConfig) {
         config.device = self.device.clone();
+        config.matmul_precision = self.matmul_precision;
         config.kv_cache_bytes = self.kv_cache_bytes;
         config.page_tokens = self.page_tokens;
         config.max_running = self.max_running;

@@ -46,6 +46,10 @@ pub struct Args {
     /// cpu, cuda or cuda:N (cuda needs an sdlm built with --features cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Dense matmuls on the CPU: f32 (exact) or bf16 (inputs and weights rounded to bf16, f32
+    /// sums, on the AMX tiles of an Intel Xeon Sapphire Rapids or later).
+    #[arg(long, default_value = "f32")]
+    matmul_precision: sdlm_engine::MatmulPrecision,
     prompt: Option<String>,
 }
 
@@ -60,7 +64,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Some(p) => p.to_string(),
     };
-    let (model, tokenizer) = open_model(&args.model, &device_named(&args.device)?)?;
+    let (mut model, tokenizer) = open_model(&args.model, &device_named(&args.device)?)?;
+    model.set_matmul_precision(args.matmul_precision)?;
     let defaults = DecodingParams::for_model(model.config());
     let params = DecodingParams {
         mode: args.mode.unwrap_or(defaults.mode),

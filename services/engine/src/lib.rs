@@ -20,7 +20,7 @@ pub use config::{DiffusionConfig, Family, ModelConfig};
 pub use device::device_named;
 pub use error::{EngineError, Result};
 pub use mask::{twin_mask, MaskRule};
-pub use model::{KvCache, LogitRows, Model, PagedSeq, SequenceCache};
+pub use model::{KvCache, LogitRows, MatmulPrecision, Model, PagedSeq, SequenceCache};
 pub use perplexity::{score_tokens, Score, TokenScore};
 pub use tokenizer::load_tokenizer;
 pub use weights::{load_model, open_model, safetensors_files};

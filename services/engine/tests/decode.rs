@@ -448,3 +448,78 @@ fn resuming_after_committed_blocks_continues_the_uninterrupted_run() {
         }
     }
 }
+
+/// The fixture model with bf16 matmuls, or `None` (and a note) on a CPU without AMX-BF16.
+fn bf16_model(name: &str, shift: bool) -> Option<Model> {
+    if let Err(e) = sdlm_engine::MatmulPrecision::Bf16.check(&Device::Cpu) {
+        eprintln!("skipped: {e}");
+        return None;
+    }
+    let mut m = model(name, shift);
+    m.set_matmul_precision(sdlm_engine::MatmulPrecision::Bf16)
+        .unwrap();
+    Some(m)
+}
+
+#[test]
+fn with_bf16_matmuls_cached_decoding_equals_recomputing_the_sequence() {
+    // The bf16 matmul takes every row count (a prefill, a block, the reference's whole
+    // sequence) and a row's outputs do not depend on the others, so the cache changes nothing.
+    for shift in [false, true] {
+        let Some(m) = bf16_model("qwen2-tied-bf16", shift) else {
+            return;
+        };
+        for block_size in [1, 4, 32] {
+            let p = DecodingParams {
+                mode: Mode::Diffusion,
+                block_size,
+                max_new_tokens: 37,
+                ..DecodingParams::default()
+            };
+            let want = reference_diffusion(&m, PROMPT, &p, shift);
+            assert_eq!(run(&m, PROMPT, &p).0, want, "shift {shift}, B {block_size}");
+        }
+    }
+    let m = bf16_model("qwen3-headdim-f16", true).unwrap();
+    let params = DecodingParams {
+        max_new_tokens: 20,
+        ..DecodingParams::default()
+    };
+    assert_eq!(run(&m, PROMPT, &params).0, reference_ar(&m, PROMPT, 20));
+}
+
+#[test]
+fn bf16_matmuls_change_logits_by_about_bf16_rounding() {
+    let Some(bf16) = bf16_model("qwen3-headdim-f16", false) else {
+        return;
+    };
+    let f32 = model("qwen3-headdim-f16", false);
+    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 120).collect();
+    let (a, b) = (
+        logits(&f32, &ids, MaskRule::Causal),
+        logits(&bf16, &ids, MaskRule::Causal),
+    );
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
+    // bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.002 per operand); through the
+    // layers the logits move by a few times that, and a broken matmul by their whole size.
+    assert!(diff > 0.0, "bf16 matmuls should round");
+    assert!(
+        diff <= 0.05 * scale,
+        "max |Δlogit| {diff} against max |logit| {scale}"
+    );
+    eprintln!("max |Δlogit| {diff}, max |logit| {scale}");
+}
+
+#[test]
+fn a_precision_names_its_field_and_choices() {
+    let e = "fp8".parse::<sdlm_engine::MatmulPrecision>().unwrap_err();
+    assert!(e.to_string().contains("matmul_precision"), "{e}");
+    assert!(e.to_string().contains("f32 or bf16"), "{e}");
+}

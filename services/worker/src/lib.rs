@@ -45,6 +45,8 @@ pub struct WorkerConfig {
     pub model: PathBuf,
     /// Where the engine runs: cpu, cuda or cuda:N (`sdlm_engine::device_named`).
     pub device: String,
+    /// How CPU forwards multiply by dense weights (`sdlm_engine::MatmulPrecision`).
+    pub matmul_precision: sdlm_engine::MatmulPrecision,
     /// The name clients ask for; default: the model directory's or file's name.
     pub model_name: Option<String>,
     pub listen: SocketAddr,
@@ -70,6 +72,7 @@ impl WorkerConfig {
         Self {
             model,
             device: "cpu".into(),
+            matmul_precision: Default::default(),
             model_name: None,
             listen,
             advertise: None,
@@ -108,8 +111,13 @@ pub async fn start(
 ) -> Result<StartedWorker, WorkerError> {
     let path = config.model.clone();
     let device = device_named(&config.device)?;
-    let (model, tokenizer) =
-        tokio::task::spawn_blocking(move || open_model(&path, &device)).await??;
+    let precision = config.matmul_precision;
+    let (model, tokenizer) = tokio::task::spawn_blocking(move || {
+        let (mut model, tokenizer) = open_model(&path, &device)?;
+        model.set_matmul_precision(precision)?;
+        Ok::<_, sdlm_engine::EngineError>((model, tokenizer))
+    })
+    .await??;
     let tokenizer_json = tokenizer
         .to_string(false)
         .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;

@@ -315,6 +315,19 @@ pub(super) struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    pub(super) fn projections_mut(&mut self) -> [&mut Proj; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
     pub(super) fn new(c: &ModelConfig, w: &dyn WeightSource, name: &str) -> Result<Self> {
         let norm =
             |part: &str| w.rms_norm(&format!("{name}.{part}"), c.hidden_size, c.rms_norm_eps);

@@ -5,6 +5,7 @@
 //! diffusion needs both: training feeds a corrupted and a clean copy of a sequence at the same
 //! positions, and decoding attends bidirectionally inside a block.
 
+mod amx_bf16;
 mod cache;
 mod f32_rows;
 mod ggml_rounding;
@@ -13,6 +14,7 @@ mod logit_rows;
 mod masked_attention;
 mod on_workers;
 mod paged;
+mod precision;
 mod q8_matmul;
 mod row_tasks;
 pub(crate) mod source;
@@ -30,6 +32,7 @@ use source::{Proj, Safetensors, WeightSource};
 pub use cache::{KvCache, SequenceCache};
 pub use logit_rows::LogitRows;
 pub use paged::PagedSeq;
+pub use precision::MatmulPrecision;
 
 pub struct Model {
     embed_tokens: Embedding,
@@ -38,6 +41,7 @@ pub struct Model {
     lm_head: Proj,
     rotary: Rotary,
     config: ModelConfig,
+    matmul_precision: MatmulPrecision,
 }
 
 impl Model {
@@ -72,11 +76,30 @@ impl Model {
             lm_head,
             rotary,
             config: config.clone(),
+            matmul_precision: MatmulPrecision::F32,
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// How CPU forwards multiply by the dense weights from now on (see [`MatmulPrecision`]);
+    /// an error naming what is missing where this machine cannot run it.
+    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
+        precision.check(self.device())?;
+        for layer in &mut self.layers {
+            for proj in layer.projections_mut() {
+                proj.set_precision(precision)?;
+            }
+        }
+        self.lm_head.set_precision(precision)?;
+        self.matmul_precision = precision;
+        Ok(())
+    }
+
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        self.matmul_precision
     }
 
     /// The same weights with other diffusion settings (mask token, block size, logits shift):

@@ -20,6 +20,13 @@ const INT8_ROWS: std::ops::RangeInclusive<usize> = 2..=64;
 /// quantized matmul), with an optional bias.
 pub(crate) enum Proj {
     Dense(Linear),
+    /// A dense weight also packed in bf16 AMX tiles (`--matmul-precision bf16`): inputs on the
+    /// CPU that carry no gradient take the tiles, whatever their number of rows, so that a row
+    /// gets the same numbers in a prefill, a block or a batch; others the f32 `Linear`.
+    Bf16 {
+        linear: Linear,
+        tiles: super::amx_bf16::Bf16Tiles,
+    },
     Quantized {
         weight: QMatMul,
         /// The f32 weight, made on first use by a many-row input.
@@ -43,6 +50,28 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 const SLOW_DOT_FORMATS: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
 impl Proj {
+    /// Packs a dense weight for the bf16 matmul, or unpacks it for `F32`; quantized weights
+    /// keep their own paths.
+    pub(crate) fn set_precision(&mut self, precision: super::MatmulPrecision) -> Result<()> {
+        match (&*self, precision) {
+            (Proj::Dense(linear), super::MatmulPrecision::Bf16) => {
+                let w = linear.weight().to_dtype(candle_core::DType::F32)?;
+                let (out, inp) = w.dims2()?;
+                let values = w.flatten_all()?.to_vec1::<f32>()?;
+                let tiles = super::amx_bf16::Bf16Tiles::pack(&values, out, inp);
+                *self = Proj::Bf16 {
+                    linear: linear.clone(),
+                    tiles,
+                };
+            }
+            (Proj::Bf16 { linear, .. }, super::MatmulPrecision::F32) => {
+                *self = Proj::Dense(linear.clone());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     pub(crate) fn quantized(qtensor: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let qtensor = std::sync::Arc::new(qtensor);
         Ok(Proj::Quantized {
@@ -73,6 +102,20 @@ impl Module for Proj {
                 },
                 None => l.forward(x),
             },
+            Proj::Bf16 { linear, tiles } => {
+                let takes_tiles = x.device().is_cpu()
+                    && x.dtype() == candle_core::DType::F32
+                    && !x.track_op()
+                    && x.dim(candle_core::D::Minus1)? == tiles.inputs();
+                if !takes_tiles {
+                    return linear.forward(x);
+                }
+                let y = through_rows(x, tiles.outputs(), |v, rows| tiles.matmul(v, rows))?;
+                match linear.bias() {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
             Proj::Quantized {
                 weight,
                 dense,
@@ -91,7 +134,13 @@ impl Module for Proj {
                             int8.get_or_init(|| w)
                         }
                     };
-                    int8_forward(w, x)?
+                    if x.dim(candle_core::D::Minus1)? != w.cols() {
+                        candle_core::bail!(
+                            "input of size {cols} for a weight of {} inputs",
+                            w.cols()
+                        );
+                    }
+                    through_rows(x, w.rows(), |v, rows| w.matmul(v, rows))?
                 } else if rows > *INT8_ROWS.end() {
                     let w = match dense.get() {
                         Some(w) => w,
@@ -125,20 +174,22 @@ fn int8_copy(qtensor: &QTensor) -> Result<super::q8_matmul::Q8Rows> {
     Ok(super::q8_matmul::Q8Rows::quantize(&values, out, inp))
 }
 
-/// `x · wᵀ` through the 8-bit matmul, for `x` `[..., in]` f32 on the CPU.
-fn int8_forward(w: &super::q8_matmul::Q8Rows, x: &Tensor) -> Result<Tensor> {
+/// `x [..., in]` on the CPU as f32 rows through `matmul(values, rows) -> [rows, out]`, back in
+/// `x`'s shape and dtype with `out` last.
+fn through_rows(
+    x: &Tensor,
+    out: usize,
+    matmul: impl Fn(&[f32], usize) -> Vec<f32>,
+) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let inp = dims.pop().unwrap_or(0);
-    if inp != w.cols() {
-        candle_core::bail!("input of size {inp} for a weight of {} inputs", w.cols());
-    }
     let rows = x.elem_count() / inp.max(1);
     let values = x
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    dims.push(w.rows());
-    Tensor::from_vec(w.matmul(&values, rows), dims, x.device())?.to_dtype(x.dtype())
+    dims.push(out);
+    Tensor::from_vec(matmul(&values, rows), dims, x.device())?.to_dtype(x.dtype())
 }
 
 pub(crate) trait WeightSource {
