@@ -108,6 +108,7 @@ fn bad_parameters_are_named() {
     };
     refused("--threshold", "0", "threshold");
     refused("--device", "tpu", "device: \"tpu\"");
+    refused("--matmul-precision", "fp8", "matmul_precision");
     let out = sdlm(&["generate", "--model", model.to_str().unwrap(), "x"], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("context of 64"));
     let out = sdlm(
@@ -190,4 +191,36 @@ fn the_shipped_model_generates_by_block_diffusion() {
     assert_eq!(v["tokens"].as_u64(), Some(40), "{v}");
     assert!(v["steps"].as_u64().unwrap() >= 2, "{v}");
     assert!(!v["text"].as_str().unwrap().is_empty());
+}
+
+#[test]
+fn bf16_matmuls_generate_where_the_cpu_has_amx_and_name_what_is_missing_elsewhere() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let amx = cpuinfo.contains(" amx_bf16") && cpuinfo.contains(" amx_tile");
+    let model = fixture("llama-sharded-f32");
+    let out = sdlm(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--matmul-precision",
+            "bf16",
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "x",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    if amx {
+        assert!(out.status.success(), "{err}");
+        let report = last_json(&out);
+        let tokens = report["tokens"].as_u64().unwrap_or(0);
+        // Up to 8: the fixture may reach its end-of-text token first.
+        assert!((1..=8).contains(&tokens), "{report}");
+    } else {
+        assert!(!out.status.success());
+        assert!(err.contains("AMX-BF16"), "{err}");
+    }
 }
