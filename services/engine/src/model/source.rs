@@ -134,7 +134,7 @@ impl Module for Proj {
                             int8.get_or_init(|| w)
                         }
                     };
-                    if x.dim(candle_core::D::Minus1)? != w.cols() {
+                    if cols != w.cols() {
                         candle_core::bail!(
                             "input of size {cols} for a weight of {} inputs",
                             w.cols()
