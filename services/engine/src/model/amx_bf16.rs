@@ -11,7 +11,8 @@
 //! and 32 inputs a 1 KB tile whose row p holds, for each output, the pair of inputs 2p and
 //! 2p + 1. An input row is rounded to bf16 (nearest even) and each output is the f32 sum over
 //! the 32-input tiles in a fixed order, so a row's outputs do not depend on the rows beside it:
-//! batched decoding gives each sequence what it gets alone.
+//! batched decoding gives each sequence what it gets alone. The f32 weights stay beside the
+//! tiles (for GPU inputs and training), so a packed model holds 1.5× its f32 bytes.
 //!
 //! The tile registers are not operands Rust's `asm!` can name, so each instruction is its own
 //! `asm!` with fixed registers (tmm0–3 the accumulators of up to four 16-row groups, tmm4 the
