@@ -71,13 +71,9 @@ fn detect() -> bool {
     false
 }
 
-/// f32 to bf16, rounding to nearest even (NaN stays a quiet NaN).
+/// f32 to bf16 bits, rounding to nearest even (NaN stays NaN), as `half` converts.
 pub(crate) fn to_bf16(v: f32) -> u16 {
-    let bits = v.to_bits();
-    if v.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+    half::bf16::from_f32(v).to_bits()
 }
 
 /// A weight `[n, k]` packed into AMX tiles, zero-padded to whole tiles.
@@ -308,7 +304,7 @@ mod tests {
     use crate::model::test_support::values;
 
     fn from_bf16(b: u16) -> f64 {
-        f32::from_bits((b as u32) << 16) as f64
+        half::bf16::from_bits(b).to_f64()
     }
 
     /// The product of the bf16-rounded operands in f64.
