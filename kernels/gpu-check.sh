@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine from the folder build-gpu-bundle.sh made, in under 8 minutes:
+# Runs on the GPU machine from the folder build-gpu-bundle.sh made, in under 8 minutes, the
+# parts that were never measured on a GPU before the ones that were (a lease can end early):
 #  1. the card and driver; copy bandwidth and matrix rates through PyTorch (the ceilings);
 #  2. the CUDA parity tests (fresh random inputs, poisoned outputs, each kernel vs its CPU
-#     reference), then compute-sanitizer memcheck and racecheck on a small subset where it works;
-#  3. the kernel benchmark against its floors;
-#  4. end-to-end decoding with `sdlm --device cuda` (candle's CUDA backend) on random weights of
-#     Qwen2.5-0.5B's shape made here: autoregressive against diffusion, same weights and prompts.
-# Writes everything under the folder given as $1 (default ./results) and prints the table last.
+#     reference), and the engine's greedy choices on the device against its CPU sampler;
+#  3. end-to-end decoding with `sdlm --device cuda` (candle's CUDA backend) on random weights of
+#     Qwen2.5-0.5B's shape made here: autoregressive against diffusion, same weights and prompts;
+#  4. the shipped model: greedy completions on cuda against the same on the cpu, and its bench;
+#  5. the kernel benchmark against its floors;
+#  6. compute-sanitizer memcheck and racecheck on a small subset of the parity tests.
+# Writes everything under the folder given as $1 (default ./results) and prints the tables last.
+# Steps after it (parity engine e2e shipped bench sanitizer) run only those, for a second run
+# in a lease that has already measured the rest; the ceilings always run.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/results}
+steps=" ${*:2} "
+want() { [[ $steps == "  " || $steps == *" $1 "* ]]; }
 mkdir -p "$out"
 summary=()
+e2e="$out/e2e.txt"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
 
@@ -39,57 +47,108 @@ cat "$out/ceilings.txt"
 bf16=$(awk '/^bf16_tflops/ {print $2}' "$out/ceilings.txt")
 fp32=$(awk '/^fp32_tflops/ {print $2}' "$out/ceilings.txt")
 
-echo "== parity tests"
-if timeout 150 "$here/cuda_parity" 2>&1 | tee "$out/parity.log" | grep -E "^test |test result|panicked|error"; then :; fi
-summary+=("parity: $(grep 'test result' "$out/parity.log" | tail -1)")
-
-echo "== compute-sanitizer"
-if command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck; do
-    timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 "$here/cuda_parity" \
-      attention_smollm2_shape::bf16 select_unmask_parity residual_rmsnorm::bf16 \
-      >"$out/sanitizer-$tool.log" 2>&1
-    rc=$?
-    summary+=("compute-sanitizer $tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-$tool.log" | tail -1)")
-  done
-else
-  summary+=("compute-sanitizer: not on PATH")
-fi
-
-echo "== kernel benchmark"
-timeout 150 "$here/sdlm-kernel-bench" ${bf16:+--matmul-tflops "$bf16"} ${fp32:+--fp32-tflops "$fp32"} \
-  >"$out/bench.txt" 2>&1
-summary+=("bench: exit $?")
-
-echo "== end-to-end decoding"
-# The CUDA libraries sdlm links (libcudart, libnvrtc, libcurand, libcublas, libcublasLt) are PyTorch's
-# pip packages here; libcuda is the driver's.
+# The CUDA libraries that sdlm and the engine's test link (libcudart, libnvrtc, libcurand,
+# libcublas, libcublasLt) are PyTorch's pip packages here; libcuda is the driver's.
 cu13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH="${cu13:+$cu13:}${LD_LIBRARY_PATH:-}"
-model="${TMPDIR:-/tmp}/sdlm-random-qwen2-0.5b"
+unpack() {
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$here/$1.xz" "$2" && chmod +x "$2"
+}
 sdlm="${TMPDIR:-/tmp}/sdlm-cuda"
-python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-  "$here/sdlm.xz" "$sdlm" && chmod +x "$sdlm"
-e2e="$out/e2e.txt"
-if timeout 120 python3 "$here/random_qwen2.py" "$model" "$here/tokenizer.json" >"$out/random-model.log" 2>&1; then
-  # With random weights every confidence is about 1/vocab: tau 0.9 unmasks one position per
-  # step, so the diffusion rows fix the tokens per forward instead: a tiny tau unmasks a whole
-  # block per forward (the engine's parallel ceiling), and a step budget of 12 per 32-token
-  # block gives 2.7 tokens per forward, where a trained model of the paper's quality decodes.
-  run_bench() { timeout 150 "$sdlm" bench --device cuda --model "$model" --prompts "$here/prompts.jsonl" \
-    --limit 16 --max-new-tokens 64 "$@"; }
-  {
-    run_bench --mode autoregressive,diffusion --block-size 4,8,32 --threshold 0.000001
-    echo "exit $?"
-    run_bench --mode diffusion --block-size 32 --threshold 0.9 --max-steps-per-block 12
-    echo "exit $?"
-  } >"$e2e" 2>&1
-  summary+=("end-to-end: $(grep -c '^exit 0' "$e2e") of 2 bench runs finished")
-else
-  summary+=("end-to-end: making the random model failed (random-model.log)")
+engine_choices="${TMPDIR:-/tmp}/engine_cuda_choices"
+unpack sdlm "$sdlm"
+unpack engine_cuda_choices "$engine_choices"
+
+if want parity; then
+  echo "== parity tests"
+  if timeout 150 "$here/cuda_parity" 2>&1 | tee "$out/parity.log" | grep -E "^test |test result|panicked|error"; then :; fi
+  summary+=("parity: $(grep 'test result' "$out/parity.log" | tail -1)")
 fi
-rm -rf "$model"
+if want engine; then
+  timeout 60 "$engine_choices" --nocapture 2>&1 | tee "$out/engine-choices.log" | grep -E "^seed|^test |test result|panicked"
+  summary+=("engine greedy choices on the device: $(grep 'test result' "$out/engine-choices.log" | tail -1)")
+fi
+
+if want e2e; then
+  echo "== end-to-end decoding"
+  model="${TMPDIR:-/tmp}/sdlm-random-qwen2-0.5b"
+  if timeout 120 python3 "$here/random_qwen2.py" "$model" "$here/tokenizer.json" >"$out/random-model.log" 2>&1; then
+    # With random weights every confidence is about 1/vocab: tau 0.9 unmasks one position per
+    # step, so the diffusion rows fix the tokens per forward instead: a tiny tau unmasks a whole
+    # block per forward (the engine's parallel ceiling), and a step budget of 12 per 32-token
+    # block gives 2.7 tokens per forward, where a trained model of the paper's quality decodes.
+    run_bench() { timeout 150 "$sdlm" bench --device cuda --model "$model" --prompts "$here/prompts.jsonl" \
+      --limit 16 --max-new-tokens 64 "$@"; }
+    {
+      run_bench --mode autoregressive,diffusion --block-size 4,8,32 --threshold 0.000001
+      echo "exit $?"
+      run_bench --mode autoregressive,diffusion --block-size 32 --threshold 0.9 --max-steps-per-block 12
+      echo "exit $?"
+      # The same first run with whole logits rows read to the host: what the device choice saves.
+      echo "SDLM_HOST_CHOICES=1:"
+      SDLM_HOST_CHOICES=1 run_bench --mode autoregressive,diffusion --block-size 4,32 --threshold 0.000001
+      echo "exit $?"
+    } >"$e2e" 2>&1
+    summary+=("end-to-end: $(grep -c '^exit 0' "$e2e") of 3 bench runs finished")
+  else
+    summary+=("end-to-end: making the random model failed (random-model.log)")
+  fi
+  rm -rf "$model"
+fi
+
+if want shipped; then
+  echo "== shipped model: cuda against cpu"
+  # The trained model has clear margins between its top logits, so greedy decoding on the GPU
+  # (cuBLAS sums in another order) must give the CPU's tokens; random weights would not.
+  tiny="$here/sdlm-tiny-code"
+  timeout 150 python3 - "$sdlm" "$tiny" "$here/prompts.jsonl" >"$out/tiny-parity.txt" 2>&1 <<'PY'
+import json, subprocess, sys
+sdlm, model, prompts = sys.argv[1:4]
+rows = [json.loads(l)["prompt"] for l in open(prompts)][:6]
+for mode in ("autoregressive", "diffusion"):
+    same = 0
+    for p in rows:
+        out = {}
+        for dev in ("cpu", "cuda"):
+            r = subprocess.run([sdlm, "generate", "--device", dev, "--model", model, "--mode", mode,
+                                "--max-new-tokens", "64", "--json", p], capture_output=True, text=True)
+            out[dev] = json.loads(r.stdout.strip().splitlines()[-1])["text"] if r.returncode == 0 else "ERROR " + r.stderr[-300:]
+        same += out["cpu"] == out["cuda"]
+        if out["cpu"] != out["cuda"]:
+            print(f"{mode} differs on {p[:40]!r}:\n cpu  {out['cpu'][:200]!r}\n cuda {out['cuda'][:200]!r}")
+    print(f"{mode}: {same} of {len(rows)} completions identical on cuda and cpu")
+PY
+  cat "$out/tiny-parity.txt"
+  summary+=("shipped model, cuda vs cpu: $(grep -E 'identical' "$out/tiny-parity.txt" | tr '\n' ';')")
+  timeout 150 "$sdlm" bench --device cuda --model "$tiny" --prompts "$here/prompts.jsonl" \
+    --limit 32 --max-new-tokens 64 --block-size 4,8,32 >"$out/tiny-bench.txt" 2>&1
+  summary+=("shipped model bench on cuda: exit $?")
+fi
+
+if want bench; then
+  echo "== kernel benchmark"
+  timeout 150 "$here/sdlm-kernel-bench" ${bf16:+--matmul-tflops "$bf16"} ${fp32:+--fp32-tflops "$fp32"} \
+    >"$out/bench.txt" 2>&1
+  summary+=("bench: exit $?")
+fi
+
+if want sanitizer; then
+  echo "== compute-sanitizer"
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck; do
+      timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 "$here/cuda_parity" \
+        attention_smollm2_shape::bf16 select_unmask_parity residual_rmsnorm::bf16 \
+        >"$out/sanitizer-$tool.log" 2>&1
+      rc=$?
+      summary+=("compute-sanitizer $tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-$tool.log" | tail -1)")
+    done
+  else
+    summary+=("compute-sanitizer: not on PATH")
+  fi
+fi
 
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
-cat "$out/bench.txt"
+[[ -f $out/bench.txt ]] && cat "$out/bench.txt"
 [[ -f $e2e ]] && cat "$e2e"
+[[ -f $out/tiny-bench.txt ]] && cat "$out/tiny-bench.txt"

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use sdlm_engine::decode::{decoder_for, DecodingParams, Mode};
+use sdlm_engine::decode::{decoder_for, Decoder, DecodingParams, Mode};
 use sdlm_engine::{device_named, open_model, Device, KvCache, Model, ModelConfig};
 
 use crate::parse_rate::{first_definition, parses};
@@ -171,14 +171,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             parsed: 0,
             prompts: prompts.len(),
         };
+        // One untimed decode first: a GPU compiles candle's kernels on their first launch (seconds
+        // in all), and the first configuration would otherwise pay for every later one.
+        let encode = |prompt: &str| {
+            tokenizer
+                .encode(prompt, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))
+        };
+        if let Some(first) = prompts.first() {
+            decode(&model, &encode(first)?, &params)?;
+        }
         for prompt in &prompts {
-            let ids = tokenizer
-                .encode(prompt.as_str(), true)
-                .map_err(|e| anyhow::anyhow!("tokenizing a prompt: {e}"))?;
-            let mut d = decoder_for(&model, ids.get_ids(), &params)?;
-            while d.finished().is_none() {
-                d.step()?;
-            }
+            let d = decode(&model, &encode(prompt)?, &params)?;
             let s = d.stats();
             row.tokens += d.completion().len();
             row.forwards += s.forward_passes();
@@ -193,6 +198,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     report(&args, &model_path, &model, &rows)?;
     forward_floor(&model, &model_path)
+}
+
+/// `prompt` decoded to the end with `params`.
+fn decode<'m>(
+    model: &'m Model,
+    prompt: &[u32],
+    params: &DecodingParams,
+) -> anyhow::Result<Box<dyn Decoder + 'm>> {
+    let mut d = decoder_for(model, prompt, params)?;
+    while d.finished().is_none() {
+        d.step()?;
+    }
+    Ok(d)
 }
 
 fn report(args: &Args, path: &std::path::Path, model: &Model, rows: &[Row]) -> anyhow::Result<()> {

@@ -15,6 +15,9 @@ pub enum EngineError {
     Input(String),
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A kernel of sdlm-kernels refused its arguments or failed on the device.
+    #[error("kernel: {0}")]
+    Kernel(#[from] sdlm_kernels::KernelError),
     /// The paged KV cache had no page for a commit: the step batcher preempts the sequence.
     #[error(transparent)]
     OutOfPages(#[from] crate::kv::OutOfPages),

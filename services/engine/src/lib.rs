@@ -2,6 +2,7 @@
 //! serving. Knows nothing of gRPC; the services reach tensors only through this API.
 
 mod config;
+mod cuda_ops;
 pub mod decode;
 mod device;
 mod error;
@@ -17,6 +18,7 @@ mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{DiffusionConfig, Family, ModelConfig};
+pub use cuda_ops::greedy_choices_on_device;
 pub use device::device_named;
 pub use error::{EngineError, Result};
 pub use mask::{twin_mask, MaskRule};

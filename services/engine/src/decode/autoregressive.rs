@@ -3,14 +3,17 @@
 
 use std::time::Instant;
 
-use super::{prefill, rows, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler};
+use super::{
+    prefill, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Row, RowReader, Sampler,
+};
 use crate::error::Result;
 use crate::model::{LogitRows, Model, SequenceCache};
 
 pub struct AutoregressiveDecoder<'m> {
     model: &'m Model,
     cache: Box<dyn SequenceCache + 'm>,
-    last_logits: Vec<f32>,
+    last_logits: Row,
+    reader: RowReader,
     max_new_tokens: usize,
     sampler: Sampler,
     stop_ids: Vec<u32>,
@@ -26,15 +29,18 @@ impl<'m> AutoregressiveDecoder<'m> {
         params: &DecodingParams,
         mut cache: Box<dyn SequenceCache + 'm>,
     ) -> Result<Self> {
-        let (last_logits, stats) = prefill(model, prompt, cache.as_mut())?;
+        let banned = model.config().diffusion.mask_token_id;
+        let reader = RowReader::new(model.device().is_cuda(), params, banned);
+        let (last_logits, stats) = prefill(model, prompt, cache.as_mut(), &reader)?;
         Ok(Self {
             model,
             cache,
             last_logits,
+            reader,
             max_new_tokens: params.max_new_tokens,
             sampler: Sampler::new(params),
             stop_ids: stop_ids(model, params),
-            banned: model.config().diffusion.mask_token_id,
+            banned,
             progress: Progress {
                 stats,
                 ..Progress::default()
@@ -64,7 +70,7 @@ impl Decoder for AutoregressiveDecoder<'_> {
             return Ok(Vec::new());
         }
         let start = Instant::now();
-        let token = self.sampler.pick(&self.last_logits, self.banned).token;
+        let token = self.sampler.choose(&self.last_logits, self.banned).token;
         self.progress.stats.steps += 1;
         if self.stop_ids.contains(&token) {
             self.progress.finish = Some(FinishReason::Stop);
@@ -78,7 +84,7 @@ impl Decoder for AutoregressiveDecoder<'_> {
                 .cache
                 .forward(self.model, &[token], 1, 1, LogitRows::All)?;
             self.progress.stats.commit_forwards += 1;
-            self.last_logits = rows(&logits)?.pop().unwrap_or_default();
+            self.last_logits = self.reader.read_last(&logits)?;
         }
         self.progress.stats.decode_seconds += start.elapsed().as_secs_f64();
         Ok(vec![token])

@@ -11,7 +11,8 @@ use std::time::Instant;
 use sdlm_kernels::reference::select_unmask;
 
 use super::{
-    prefill, rows, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Sampler,
+    prefill, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Row, RowReader,
+    Sampler,
 };
 use crate::error::{EngineError, Result};
 use crate::model::{LogitRows, Model, SequenceCache};
@@ -24,7 +25,8 @@ pub struct DiffusionDecoder<'m> {
     shift: bool,
     cache: Box<dyn SequenceCache + 'm>,
     /// Logits of the last committed position (used when `shift`).
-    last_logits: Vec<f32>,
+    last_logits: Row,
+    reader: RowReader,
     block: Vec<u32>,
     masked: Vec<bool>,
     /// The last finished block, emitted but not yet in the cache (written by the next forward).
@@ -48,7 +50,8 @@ impl<'m> DiffusionDecoder<'m> {
         let mask_id = config.diffusion.mask_token_id.ok_or_else(|| {
             EngineError::Input("diffusion decoding needs the model's mask_token_id".into())
         })?;
-        let (last_logits, stats) = prefill(model, prompt, cache.as_mut())?;
+        let reader = RowReader::new(model.device().is_cuda(), params, Some(mask_id));
+        let (last_logits, stats) = prefill(model, prompt, cache.as_mut(), &reader)?;
         Ok(Self {
             model,
             params: params.clone(),
@@ -56,6 +59,7 @@ impl<'m> DiffusionDecoder<'m> {
             shift: config.diffusion.logits_shift.unwrap_or(true),
             cache,
             last_logits,
+            reader,
             block: Vec::new(),
             masked: Vec::new(),
             pending: Vec::new(),
@@ -115,7 +119,7 @@ impl<'m> DiffusionDecoder<'m> {
     }
 
     /// The logits row that predicts each block position.
-    fn predictions(&mut self) -> Result<Vec<Vec<f32>>> {
+    fn predictions(&mut self) -> Result<Vec<Row>> {
         let len = self.block.len();
         if self.shift && self.pending.is_empty() && len == 1 {
             // Block position 0 is predicted by the last committed position: no forward needed.
@@ -124,7 +128,7 @@ impl<'m> DiffusionDecoder<'m> {
         let logits = self.forward_block()?;
         if self.masked_rows_only() {
             // Rows came for the masked positions only, in order; the others are never read.
-            let got = rows(&logits)?;
+            let got = self.reader.read(&logits)?;
             let wanted = self.masked.iter().filter(|&&m| m).count();
             if got.len() != wanted {
                 return Err(EngineError::Input(format!(
@@ -138,11 +142,11 @@ impl<'m> DiffusionDecoder<'m> {
                 .iter()
                 .map(|&m| match m {
                     true => got.next().unwrap_or_default(),
-                    false => Vec::new(),
+                    false => Row::default(),
                 })
                 .collect());
         }
-        let mut rows = rows(&logits)?;
+        let mut rows = self.reader.read(&logits)?;
         if self.shift {
             // Row i predicts position i + 1; position 0 reads the last committed token's row.
             let first = self.last_logits.clone();
@@ -189,7 +193,7 @@ impl<'m> DiffusionDecoder<'m> {
         let wanted = open_rows(first);
         let logits = self.cache.forward(self.model, &tokens, p, p, wanted)?;
         if self.shift {
-            self.last_logits = rows(&logits.narrow(0, 0, 1)?)?.pop().unwrap_or_default();
+            self.last_logits = self.reader.read_last(&logits.narrow(0, 0, 1)?)?;
             return Ok(logits.narrow(0, 1, len)?);
         }
         Ok(logits)
@@ -202,7 +206,7 @@ impl<'m> DiffusionDecoder<'m> {
         let was_masked = self.masked.clone();
         let mut picks = vec![(self.mask_id, 0f32); len];
         for j in (0..len).filter(|&j| self.masked[j]) {
-            let p = self.sampler.pick(&preds[j], Some(self.mask_id));
+            let p = self.sampler.choose(&preds[j], Some(self.mask_id));
             picks[j] = (p.token, p.confidence);
         }
         let n_masked = self.masked.iter().filter(|&&m| m).count();
@@ -234,13 +238,13 @@ impl<'m> DiffusionDecoder<'m> {
 
     /// Self-correction: a token decoded in an earlier step is replaced when the model now gives
     /// another token probability >= edit_threshold and the current one < 1 - edit_threshold.
-    fn revise(&mut self, preds: &[Vec<f32>], was_masked: &[bool]) {
+    fn revise(&mut self, preds: &[Row], was_masked: &[bool]) {
         let tau = self.params.edit_threshold;
         for j in 0..self.block.len() {
             if was_masked[j] || self.edits_in_block >= self.params.max_edits() {
                 continue;
             }
-            let probs = softmax(&preds[j], self.params.temperature);
+            let probs = softmax(preds[j].logits(), self.params.temperature);
             let best = (0..probs.len()).filter(|&t| t as u32 != self.mask_id).fold(
                 None,
                 |b: Option<usize>, t| match b {

@@ -7,6 +7,7 @@ mod autoregressive;
 mod batcher;
 mod diffusion;
 mod params;
+mod rows;
 mod sampling;
 
 pub use autoregressive::AutoregressiveDecoder;
@@ -14,6 +15,8 @@ pub use batcher::{SeqId, StepBatcher, StepOutput, DEFAULT_MAX_BATCH_TOKENS};
 pub use diffusion::DiffusionDecoder;
 pub use params::{DecodingParams, Mode, ModelLimits, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use sampling::{softmax, Pick, Sampler};
+
+use rows::{Row, RowReader};
 
 use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Model, SequenceCache};
@@ -183,7 +186,8 @@ pub(crate) fn prefill(
     model: &Model,
     prompt: &[u32],
     cache: &mut dyn SequenceCache,
-) -> Result<(Vec<f32>, DecodeStats)> {
+    reader: &RowReader,
+) -> Result<(Row, DecodeStats)> {
     let start = std::time::Instant::now();
     let held = cache.held();
     if held >= prompt.len() {
@@ -195,18 +199,13 @@ pub(crate) fn prefill(
         )));
     }
     let logits = cache.prefill(model, &prompt[held..])?;
-    let last_logits = rows(&logits)?.pop().unwrap_or_default();
+    let last_logits = reader.read_last(&logits)?;
     let stats = DecodeStats {
         prefill_forwards: 1,
         prefill_seconds: start.elapsed().as_secs_f64(),
         ..DecodeStats::default()
     };
     Ok((last_logits, stats))
-}
-
-/// The rows of a `[n, vocab]` logits tensor.
-pub(crate) fn rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(logits.to_vec2::<f32>()?)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use sdlm_kernels::reference::row_confidence;
 
 use super::params::DecodingParams;
+use super::rows::Row;
 
 pub struct Sampler {
     temperature: f32,
@@ -28,6 +29,15 @@ impl Sampler {
             top_k: params.top_k,
             top_p: params.top_p,
             rng: StdRng::seed_from_u64(params.seed),
+        }
+    }
+
+    /// A token for `row`: the choice already made on the device, or [`Sampler::pick`] of the
+    /// logits.
+    pub(crate) fn choose(&mut self, row: &Row, banned: Option<u32>) -> Pick {
+        match row {
+            Row::Chosen(pick) => *pick,
+            Row::Logits(logits) => self.pick(logits, banned),
         }
     }
 

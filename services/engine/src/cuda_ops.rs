@@ -1,0 +1,96 @@
+//! The kernels of `sdlm-kernels` run on candle's CUDA tensors, on candle's own stream, so they
+//! order with the model's work without any synchronisation of ours.
+
+use candle_core::Tensor;
+
+use crate::decode::Pick;
+use crate::error::{EngineError, Result};
+
+/// Per row of `logits` (`[rows, vocab]`, on a CUDA device): the arg max with `banned` excluded
+/// and its softmax probability, computed on the device; only two numbers a row come back.
+#[cfg(feature = "cuda")]
+pub fn greedy_choices_on_device(logits: &Tensor, banned: Option<u32>) -> Result<Vec<Pick>> {
+    use candle_core::{DType, Storage};
+
+    let (rows, vocab) = logits.dims2()?;
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let mut logits = logits.to_dtype(DType::F32)?;
+    if let Some(b) = banned.map(|b| b as usize).filter(|&b| b < vocab) {
+        // -inf takes the token out of the arg max and adds nothing to the softmax sum, as the
+        // CPU sampler does.
+        let column = Tensor::full(f32::NEG_INFINITY, (rows, 1), logits.device())?;
+        logits = logits.slice_assign(&[0..rows, b..b + 1], &column)?;
+    }
+    // The kernel reads the whole buffer as rows: it must hold exactly these rows, from 0.
+    let exact = |t: &Tensor| -> Result<bool> {
+        let (storage, layout) = t.storage_and_layout();
+        Ok(match &*storage {
+            Storage::Cuda(s) => {
+                layout.is_contiguous()
+                    && layout.start_offset() == 0
+                    && s.as_cuda_slice::<f32>()?.len() == rows * vocab
+            }
+            _ => false,
+        })
+    };
+    if !exact(&logits)? {
+        logits = logits.force_contiguous()?;
+    }
+    let (storage, _) = logits.storage_and_layout();
+    let Storage::Cuda(storage) = &*storage else {
+        return Err(EngineError::Input(format!(
+            "greedy choices on the device need logits on a CUDA device, not {:?}",
+            logits.device()
+        )));
+    };
+    let kernels = kernels_for(&storage.device)?;
+    let mut outputs = sdlm_kernels::cuda::SelectionOutputs::new(&kernels, rows)?;
+    kernels.row_confidence(storage.as_cuda_slice::<f32>()?, vocab, 0.0, &mut outputs)?;
+    let stream = kernels.stream();
+    let driver = |e| EngineError::Kernel(sdlm_kernels::KernelError::Driver(e));
+    let tokens = stream.clone_dtoh(&outputs.tokens).map_err(driver)?;
+    let confidence = stream.clone_dtoh(&outputs.confidence).map_err(driver)?;
+    Ok(tokens
+        .iter()
+        .zip(&confidence)
+        .take(rows)
+        .map(|(&token, &confidence)| Pick {
+            token: token as u32,
+            confidence,
+        })
+        .collect())
+}
+
+/// The kernels loaded into a candle device's context, bound to its stream; loaded once per
+/// device (loading every module takes milliseconds).
+#[cfg(feature = "cuda")]
+fn kernels_for(
+    device: &candle_core::cuda_backend::CudaDevice,
+) -> Result<std::sync::Arc<sdlm_kernels::cuda::CudaKernels>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use candle_core::cuda_backend::DeviceId;
+    use sdlm_kernels::cuda::CudaKernels;
+
+    static LOADED: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaKernels>>>> = OnceLock::new();
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(k) = loaded.get(&device.id()) {
+        return Ok(k.clone());
+    }
+    let kernels = Arc::new(CudaKernels::new(device.cuda_stream())?);
+    loaded.insert(device.id(), kernels.clone());
+    Ok(kernels)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn greedy_choices_on_device(_logits: &Tensor, _banned: Option<u32>) -> Result<Vec<Pick>> {
+    Err(EngineError::Input(
+        "greedy choices on the device need an sdlm built with `--features cuda`".into(),
+    ))
+}

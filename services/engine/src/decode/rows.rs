@@ -1,0 +1,113 @@
+//! What a decoder reads of a logits row. On the CPU it is the row. On a GPU, greedy decoding
+//! needs only each row's arg max and its probability: the kernels' `row_confidence` computes
+//! them where the logits are, so a row (152k floats for Qwen) never crosses to the host.
+
+use candle_core::Tensor;
+
+use super::params::DecodingParams;
+use super::sampling::Pick;
+use crate::error::Result;
+
+const HOST_CHOICES: &str = "SDLM_HOST_CHOICES";
+
+/// One logits row as a decoder keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Row {
+    Logits(Vec<f32>),
+    /// The greedy choice, made on the device with the banned token excluded.
+    Chosen(Pick),
+}
+
+impl Default for Row {
+    fn default() -> Self {
+        Row::Logits(Vec::new())
+    }
+}
+
+impl Row {
+    /// The raw logits; empty for a choice made on the device (never read then: see
+    /// [`RowReader::new`]).
+    pub(crate) fn logits(&self) -> &[f32] {
+        match self {
+            Row::Logits(v) => v,
+            Row::Chosen(_) => &[],
+        }
+    }
+}
+
+/// How a decoder turns a `[rows, vocab]` logits tensor into [`Row`]s.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowReader {
+    on_device: bool,
+    banned: Option<u32>,
+}
+
+impl RowReader {
+    /// Choices are made on the device when the logits are on a GPU and nothing but the greedy
+    /// choice is read: temperature 0 (no draws from the distribution) and no self-correction
+    /// (which reads every token's probability). `banned` (the mask token) is never chosen.
+    /// `SDLM_HOST_CHOICES=1` in the environment reads whole rows to the host anyway, to measure
+    /// what the device choice saves.
+    pub(crate) fn new(logits_on_gpu: bool, params: &DecodingParams, banned: Option<u32>) -> Self {
+        let host_forced = std::env::var_os(HOST_CHOICES).is_some_and(|v| v == "1");
+        Self {
+            on_device: logits_on_gpu && params.temperature == 0.0 && !params.refine && !host_forced,
+            banned,
+        }
+    }
+
+    pub(crate) fn read(&self, logits: &Tensor) -> Result<Vec<Row>> {
+        if self.on_device {
+            let picks = crate::cuda_ops::greedy_choices_on_device(logits, self.banned)?;
+            return Ok(picks.into_iter().map(Row::Chosen).collect());
+        }
+        Ok(logits
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(Row::Logits)
+            .collect())
+    }
+
+    /// The last row, or an empty one when there is none.
+    pub(crate) fn read_last(&self, logits: &Tensor) -> Result<Row> {
+        Ok(self.read(logits)?.pop().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_greedy_decoding_without_revision_on_a_gpu_chooses_on_the_device() {
+        let greedy = DecodingParams::default();
+        let sampled = DecodingParams {
+            temperature: 0.7,
+            ..DecodingParams::default()
+        };
+        let revising = DecodingParams {
+            refine: true,
+            ..DecodingParams::default()
+        };
+        assert!(RowReader::new(true, &greedy, None).on_device);
+        assert!(!RowReader::new(false, &greedy, None).on_device);
+        assert!(!RowReader::new(true, &sampled, None).on_device);
+        assert!(!RowReader::new(true, &revising, None).on_device);
+    }
+
+    #[test]
+    fn on_the_cpu_the_rows_are_the_logits_in_order() {
+        let logits = Tensor::new(
+            &[[0f32, 2.0, 1.0], [3.0, -1.0, 0.5]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let reader = RowReader::new(false, &DecodingParams::default(), Some(0));
+        let rows = reader.read(&logits).unwrap();
+        assert_eq!(rows[0].logits(), [0.0, 2.0, 1.0]);
+        assert_eq!(rows[1].logits(), [3.0, -1.0, 0.5]);
+        assert_eq!(reader.read_last(&logits).unwrap(), rows[1]);
+        let none = logits.narrow(0, 0, 0).unwrap();
+        assert_eq!(reader.read_last(&none).unwrap(), Row::default());
+    }
+}

@@ -1,0 +1,59 @@
+//! The decoders' greedy choice made on a CUDA device (the kernels' `row_confidence` on candle's
+//! tensors, on candle's stream) against the CPU sampler on the same logits. Needs a GPU: built
+//! with `--features cuda` by kernels/build-gpu-bundle.sh, run by kernels/gpu-check.sh.
+#![cfg(feature = "cuda")]
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sdlm_engine::decode::{DecodingParams, Sampler};
+use sdlm_engine::{greedy_choices_on_device, Device, Tensor};
+
+#[test]
+fn device_choices_equal_the_cpu_sampler_with_the_banned_token_left_out() {
+    let seed: u64 = rand::rng().random();
+    println!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    // Vocabularies: the shipped model's, Qwen's, and two that are not a multiple of the
+    // kernel's 16-byte vectors.
+    for (rows, vocab) in [(1, 8192), (7, 1000), (33, 151_936), (5, 9001)] {
+        let mut values: Vec<f32> = (0..rows * vocab)
+            .map(|_| rng.random_range(-8.0..8.0))
+            .collect();
+        // The banned token is every row's largest logit, so leaving it out changes the answer.
+        let banned = rng.random_range(0..vocab);
+        for r in 0..rows {
+            values[r * vocab + banned] = 100.0;
+        }
+        let on_gpu = Tensor::from_vec(values.clone(), (rows, vocab), &Device::Cpu)
+            .and_then(|t| t.to_device(&gpu))
+            .expect("logits on the GPU");
+        // The whole tensor, and a view that starts one row into its buffer.
+        let views = [
+            (0, on_gpu.clone()),
+            (1, on_gpu.narrow(0, 1, rows - 1).unwrap()),
+        ];
+        for (first, logits) in views {
+            for ban in [Some(banned as u32), None] {
+                let got = greedy_choices_on_device(&logits, ban).expect("device choices");
+                assert_eq!(got.len(), rows - first);
+                let mut sampler = Sampler::new(&DecodingParams::default());
+                for (i, g) in got.iter().enumerate() {
+                    let row = &values[(first + i) * vocab..(first + i + 1) * vocab];
+                    let want = sampler.pick(row, ban);
+                    assert_eq!(
+                        g.token, want.token,
+                        "row {i} of {rows} x {vocab}, ban {ban:?}"
+                    );
+                    let rel = ((g.confidence - want.confidence) / want.confidence).abs();
+                    assert!(
+                        rel <= 1e-5,
+                        "row {i} of {rows} x {vocab}: confidence {} vs {} ({rel:e})",
+                        g.confidence,
+                        want.confidence
+                    );
+                }
+            }
+        }
+    }
+}
