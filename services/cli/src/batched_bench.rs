@@ -28,7 +28,7 @@ pub fn run_level(
     pool: PagePool,
     max_batch_tokens: usize,
 ) -> anyhow::Result<Level> {
-    let mut batcher = StepBatcher::new(model, pool).with_max_batch_tokens(max_batch_tokens);
+    let mut batcher = StepBatcher::new(model, pool)?.with_max_batch_tokens(max_batch_tokens);
     let mut next = 0;
     let (mut tokens, mut forwards, mut iterations) = (0, 0, 0);
     let start = Instant::now();

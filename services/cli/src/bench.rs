@@ -437,6 +437,16 @@ fn batched(args: &Args, model: &Model, ids: &[Vec<u32>], modes: &[Mode]) -> anyh
             max_steps_per_block: args.max_steps_per_block,
             ..DecodingParams::for_model(model.config())
         };
+        // Untimed first, as in the unbatched table: kernel compilation stays out of level 1.
+        let warm_pool = sdlm_engine::kv::PagePool::new(args.kv_pages, PAGE_TOKENS);
+        run_level(
+            model,
+            &ids[..ids.len().min(1)],
+            &params,
+            1,
+            warm_pool,
+            args.max_batch_tokens,
+        )?;
         let mut levels = Vec::new();
         for &c in &args.concurrency {
             let pool = sdlm_engine::kv::PagePool::new(args.kv_pages, PAGE_TOKENS);

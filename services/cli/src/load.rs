@@ -111,7 +111,7 @@ fn in_process(
             engine: stats.prefill_seconds + stats.decode_seconds,
         });
     }
-    let mut batcher = worker_like_batcher(&model, &params);
+    let mut batcher = worker_like_batcher(&model, &params)?;
     let mut batched = Vec::new();
     for prompt in prompts {
         let start = Instant::now();
@@ -147,12 +147,17 @@ fn in_process(
 
 /// A step batcher with the worker's page size and token budget, and pages for two sequences of
 /// the model's whole context (one runs at a time; the other's worth keeps the prefix cache).
-fn worker_like_batcher<'m>(model: &'m Model, params: &DecodingParams) -> StepBatcher<'m> {
+fn worker_like_batcher<'m>(
+    model: &'m Model,
+    params: &DecodingParams,
+) -> anyhow::Result<StepBatcher<'m>> {
     let page_tokens = sdlm_worker::DEFAULT_PAGE_TOKENS;
     let per_sequence =
         (model.config().max_position_embeddings + params.block_size).div_ceil(page_tokens);
-    StepBatcher::new(model, PagePool::new(2 * per_sequence, page_tokens))
-        .with_max_batch_tokens(sdlm_engine::decode::DEFAULT_MAX_BATCH_TOKENS)
+    Ok(
+        StepBatcher::new(model, PagePool::new(2 * per_sequence, page_tokens))?
+            .with_max_batch_tokens(sdlm_engine::decode::DEFAULT_MAX_BATCH_TOKENS),
+    )
 }
 
 /// Every prompt through `concurrency` clients; samples in prompt order and the wall time.

@@ -10,34 +10,20 @@ use crate::error::{EngineError, Result};
 /// and its softmax probability, computed on the device; only two numbers a row come back.
 #[cfg(feature = "cuda")]
 pub fn greedy_choices_on_device(logits: &Tensor, banned: Option<u32>) -> Result<Vec<Pick>> {
-    use candle_core::{DType, Storage};
+    use candle_core::Storage;
 
     let (rows, vocab) = logits.dims2()?;
     if rows == 0 {
         return Ok(Vec::new());
     }
-    let mut logits = logits.to_dtype(DType::F32)?;
+    let mut logits = logits.to_dtype(candle_core::DType::F32)?;
     if let Some(b) = banned.map(|b| b as usize).filter(|&b| b < vocab) {
         // -inf takes the token out of the arg max and adds nothing to the softmax sum, as the
         // CPU sampler does.
         let column = Tensor::full(f32::NEG_INFINITY, (rows, 1), logits.device())?;
         logits = logits.slice_assign(&[0..rows, b..b + 1], &column)?;
     }
-    // The kernel reads the whole buffer as rows: it must hold exactly these rows, from 0.
-    let exact = |t: &Tensor| -> Result<bool> {
-        let (storage, layout) = t.storage_and_layout();
-        Ok(match &*storage {
-            Storage::Cuda(s) => {
-                layout.is_contiguous()
-                    && layout.start_offset() == 0
-                    && s.as_cuda_slice::<f32>()?.len() == rows * vocab
-            }
-            _ => false,
-        })
-    };
-    if !exact(&logits)? {
-        logits = logits.force_contiguous()?;
-    }
+    let logits = exact_f32(&logits)?;
     let (storage, _) = logits.storage_and_layout();
     let Storage::Cuda(storage) = &*storage else {
         return Err(EngineError::Input(format!(
@@ -63,10 +49,31 @@ pub fn greedy_choices_on_device(logits: &Tensor, banned: Option<u32>) -> Result<
         .collect())
 }
 
+/// `t` as f32 in a buffer of its own elements only, from the start, in order: what a kernel
+/// that takes a bare device slice reads. Copies only when `t` is not that already.
+#[cfg(feature = "cuda")]
+pub(crate) fn exact_f32(t: &Tensor) -> Result<Tensor> {
+    use candle_core::{DType, Storage};
+
+    let t = t.to_dtype(DType::F32)?;
+    let exact = {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => {
+                layout.is_contiguous()
+                    && layout.start_offset() == 0
+                    && s.as_cuda_slice::<f32>()?.len() == t.elem_count()
+            }
+            _ => false,
+        }
+    };
+    Ok(if exact { t } else { t.force_contiguous()? })
+}
+
 /// The kernels loaded into a candle device's context, bound to its stream; loaded once per
 /// device (loading every module takes milliseconds).
 #[cfg(feature = "cuda")]
-fn kernels_for(
+pub(crate) fn kernels_for(
     device: &candle_core::cuda_backend::CudaDevice,
 ) -> Result<std::sync::Arc<sdlm_kernels::cuda::CudaKernels>> {
     use std::collections::HashMap;

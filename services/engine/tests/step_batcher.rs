@@ -66,7 +66,7 @@ fn batched(
     reqs: &[(Vec<u32>, DecodingParams)],
     pool: PagePool,
 ) -> (Vec<Vec<u32>>, usize) {
-    let mut batcher = StepBatcher::new(model, pool);
+    let mut batcher = StepBatcher::new(model, pool).unwrap();
     let ids: Vec<u64> = reqs
         .iter()
         .map(|(p, params)| batcher.add(p.clone(), params.clone()))

@@ -76,8 +76,9 @@ fn a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding() {
         "the prompt has {} tokens",
         long.len()
     );
-    let mut batcher =
-        StepBatcher::new(&model, PagePool::new(256, 16)).with_max_batch_tokens(budget);
+    let mut batcher = StepBatcher::new(&model, PagePool::new(256, 16))
+        .unwrap()
+        .with_max_batch_tokens(budget);
     let (a, b) = (
         batcher.add(short.clone(), ar.clone()),
         batcher.add(short.clone(), ar.clone()),
@@ -149,7 +150,7 @@ fn a_prompt_sharing_a_prefix_reuses_the_cached_pages() {
     let mut second = first.clone();
     second.extend(encode(&tokenizer, "def g(z):\n"));
     let pool = PagePool::new(256, 16);
-    let mut batcher = StepBatcher::new(&model, pool.clone());
+    let mut batcher = StepBatcher::new(&model, pool.clone()).unwrap();
     let a = batcher.add(first.clone(), params.clone());
     let got_a = completions(&run_to_end(&mut batcher));
     let hits_before = pool.prefix_stats().hits;
@@ -196,7 +197,7 @@ fn when_pages_run_out_the_newest_sequences_are_preempted() {
     // the prompts (3–8 tokens) with a block each, while four 48-token completions need 54 pages.
     // (40 pages sufficed while the model committed one token per step; with two, the first
     // sequences finish and free their pages before the last ones need them.)
-    let mut batcher = StepBatcher::new(&model, PagePool::new(28, 4));
+    let mut batcher = StepBatcher::new(&model, PagePool::new(28, 4)).unwrap();
     let ids: Vec<u64> = prompts
         .iter()
         .map(|p| batcher.add(p.clone(), params.clone()))

@@ -57,7 +57,7 @@ pub fn continue_greedily(
     config.eos_token_ids.clear();
     let model = detached_copy(learner, &config)?;
     let pages = CONCURRENCY * (seq_len.div_ceil(PAGE_TOKENS) + 2);
-    let mut batcher = StepBatcher::new(&model, PagePool::new(pages, PAGE_TOKENS));
+    let mut batcher = StepBatcher::new(&model, PagePool::new(pages, PAGE_TOKENS))?;
     let mut docs: HashMap<u64, Document> = HashMap::new();
     let mut order = Vec::with_capacity(prefixes.len());
     let mut next = 0;

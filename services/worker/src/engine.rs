@@ -73,17 +73,25 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread over a KV cache of `kv_pages` pages of `page_tokens` tokens; at
     /// most `max_running` sequences advance at once, the rest wait; an iteration runs at most
-    /// `max_batch_tokens` tokens (long prompts are prefilled in chunks).
-    pub fn start(model: Model, worker_id: String, limits: EngineLimits) -> Self {
+    /// `max_batch_tokens` tokens (long prompts are prefilled in chunks). Fails when the KV
+    /// cache cannot be allocated where the model runs.
+    pub fn start(model: Model, worker_id: String, limits: EngineLimits) -> Result<Self, String> {
         let (jobs, rx) = mpsc::channel();
+        let (started_tx, started) = mpsc::sync_channel(1);
         let state = Arc::new(EngineState::default());
         let shared = Arc::clone(&state);
         let thread = std::thread::Builder::new()
             .name("sdlm-engine".into())
             .spawn(move || {
                 let pool = PagePool::new(limits.kv_pages, limits.page_tokens);
-                let mut batcher =
-                    StepBatcher::new(&model, pool).with_max_batch_tokens(limits.max_batch_tokens);
+                let mut batcher = match StepBatcher::new(&model, pool) {
+                    Ok(b) => b.with_max_batch_tokens(limits.max_batch_tokens),
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(()));
                 run_loop(
                     &mut batcher,
                     &worker_id,
@@ -92,12 +100,17 @@ impl Engine {
                     &shared,
                 )
             })
-            .ok();
-        Self {
+            .map_err(|e| format!("spawning the engine thread: {e}"))?;
+        match started.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("the engine thread ended while starting".into()),
+        }
+        Ok(Self {
             jobs: Mutex::new(Some(jobs)),
             state,
-            thread: Mutex::new(thread),
-        }
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     /// Queues a job; false when the engine thread is gone.

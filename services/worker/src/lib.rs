@@ -27,6 +27,8 @@ pub use pages::{default_kv_cache_bytes, DEFAULT_PAGE_TOKENS};
 pub enum WorkerError {
     #[error("loading the model: {0}")]
     Engine(#[from] sdlm_engine::EngineError),
+    #[error("starting the engine (its KV cache of --kv-cache-bytes): {0}")]
+    EngineStart(String),
     #[error("the tokenizer cannot be written as tokenizer.json: {0}")]
     Tokenizer(String),
     #[error("binding {addr}: {source}")]
@@ -142,16 +144,19 @@ pub async fn start(
     let pages = pages::PageBudget::new(kv_bytes, config.page_tokens, model.config());
     let limits = ModelLimits::of(model.config());
     let mask_token_id = model.config().diffusion.mask_token_id;
-    let engine = Arc::new(engine::Engine::start(
-        model,
-        id.clone(),
-        engine::EngineLimits {
-            max_running: config.max_running,
-            kv_pages: pages.total(),
-            page_tokens: config.page_tokens,
-            max_batch_tokens: config.max_batch_tokens,
-        },
-    ));
+    let engine = Arc::new(
+        engine::Engine::start(
+            model,
+            id.clone(),
+            engine::EngineLimits {
+                max_running: config.max_running,
+                kv_pages: pages.total(),
+                page_tokens: config.page_tokens,
+                max_batch_tokens: config.max_batch_tokens,
+            },
+        )
+        .map_err(WorkerError::EngineStart)?,
+    );
     let draining = Arc::new(AtomicBool::new(false));
     let service = Arc::new(service::WorkerService {
         id: id.clone(),

@@ -6,10 +6,13 @@
 
 mod attention;
 mod block_table;
+mod device_pages;
 mod pool;
 mod storage;
 
 pub use attention::paged_attention;
 pub use block_table::{chain_hash, BlockTable, OutOfPages, TableView};
+pub(crate) use device_pages::DeviceBatch;
 pub use pool::{PageId, PagePool, PageRef, PrefixStats};
+pub(crate) use storage::slots;
 pub use storage::KvStorage;

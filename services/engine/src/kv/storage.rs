@@ -1,15 +1,23 @@
-//! Where the pages' keys and values live on the CPU: per layer, one K and one V buffer of
+//! Where the pages' keys and values live: per layer, one K and one V buffer of
 //! `[num_pages, page_tokens, kv_heads, head_dim]` f32, the layout `paged_attention` reads and the
-//! CUDA kernels use. A committed block's K/V rows are written once, through its block table.
+//! CUDA kernels use, in host memory or (with a CUDA model) on the device. A committed block's
+//! K/V rows are written once, through its block table.
 
+use candle_core::Device;
 use sdlm_kernels::{AttentionShape, KernelError};
 
 use super::block_table::TableView;
+use super::device_pages::DevicePages;
+use crate::error::Result;
 
 pub struct KvStorage {
     shape: AttentionShape,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    pages: Pages,
+}
+
+enum Pages {
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    Device(DevicePages),
 }
 
 impl KvStorage {
@@ -18,27 +26,59 @@ impl KvStorage {
         2 * layers * num_kv_heads * head_dim * std::mem::size_of::<f32>()
     }
 
-    /// Storage for `num_pages` pages in each of `layers` layers.
+    /// Storage in host memory for `num_pages` pages in each of `layers` layers.
     pub fn new(layers: usize, num_pages: usize, shape: AttentionShape) -> Self {
         let elems = num_pages * shape.page_elems();
         Self {
             shape,
-            k: (0..layers).map(|_| vec![0.0; elems]).collect(),
-            v: (0..layers).map(|_| vec![0.0; elems]).collect(),
+            pages: Pages::Host {
+                k: (0..layers).map(|_| vec![0.0; elems]).collect(),
+                v: (0..layers).map(|_| vec![0.0; elems]).collect(),
+            },
         }
+    }
+
+    /// Storage where `device`'s model runs: host memory for the CPU, device memory for a GPU.
+    pub fn on(
+        device: &Device,
+        layers: usize,
+        num_pages: usize,
+        shape: AttentionShape,
+    ) -> Result<Self> {
+        Ok(
+            match DevicePages::new(device, layers, num_pages * shape.page_elems())? {
+                Some(pages) => Self {
+                    shape,
+                    pages: Pages::Device(pages),
+                },
+                None => Self::new(layers, num_pages, shape),
+            },
+        )
     }
 
     pub fn shape(&self) -> &AttentionShape {
         &self.shape
     }
 
-    /// One layer's K and V pages.
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.k[layer], &self.v[layer])
+    /// One layer's K and V pages, when they are in host memory.
+    pub fn layer(&self, layer: usize) -> Option<(&[f32], &[f32])> {
+        match &self.pages {
+            Pages::Host { k, v } => Some((k.get(layer)?, v.get(layer)?)),
+            Pages::Device(_) => None,
+        }
+    }
+
+    /// The pages on the device, when they are there.
+    pub(crate) fn on_device(&mut self) -> Option<&mut DevicePages> {
+        match &mut self.pages {
+            Pages::Device(d) => Some(d),
+            Pages::Host { .. } => None,
+        }
     }
 
     /// Writes the K/V rows (`[n, kv_heads, head_dim]` each) of the table's tokens
     /// `start..start + n` in `layer`; those tokens must already be committed to the table.
+    /// Host pages only (device pages are written by [`DevicePages::attend_and_commit`]).
     pub fn write(
         &mut self,
         layer: usize,
@@ -46,39 +86,49 @@ impl KvStorage {
         start: usize,
         k: &[f32],
         v: &[f32],
-    ) -> Result<(), KernelError> {
+    ) -> std::result::Result<(), KernelError> {
         let row = self.shape.num_kv_heads * self.shape.head_dim;
         let n = k.len() / row.max(1);
-        let page_tokens = self.shape.page_size;
-        let slots = (start..start + n)
-            .map(|i| {
-                let (page, offset) =
-                    table
-                        .slot(i, page_tokens)
-                        .ok_or_else(|| KernelError::OutOfRange {
-                            field: "start",
-                            value: i as i64,
-                            limit: format!("the table holds {} committed tokens", table.len),
-                        })?;
-                Ok((page as usize * page_tokens + offset) as i32)
-            })
-            .collect::<Result<Vec<i32>, KernelError>>()?;
-        if layer >= self.k.len() {
-            return Err(KernelError::OutOfRange {
+        let slots = slots(table, start, n, self.shape.page_size)?;
+        let Pages::Host { k: kp, v: vp } = &mut self.pages else {
+            return Err(KernelError::Unsupported {
+                what: "KV storage",
+                detail: "host rows cannot be written into pages on the device".into(),
+            });
+        };
+        let layers = kp.len();
+        match (kp.get_mut(layer), vp.get_mut(layer)) {
+            (Some(kp), Some(vp)) => sdlm_kernels::reference::kv_scatter(row, k, v, &slots, kp, vp),
+            _ => Err(KernelError::OutOfRange {
                 field: "layer",
                 value: layer as i64,
-                limit: format!("the storage has {} layers", self.k.len()),
-            });
+                limit: format!("the storage has {layers} layers"),
+            }),
         }
-        sdlm_kernels::reference::kv_scatter(
-            row,
-            k,
-            v,
-            &slots,
-            &mut self.k[layer],
-            &mut self.v[layer],
-        )
     }
+}
+
+/// The slots (page × page_tokens + offset) of the table's tokens `start..start + n`, which must
+/// be committed to it.
+pub(crate) fn slots(
+    table: TableView<'_>,
+    start: usize,
+    n: usize,
+    page_tokens: usize,
+) -> std::result::Result<Vec<i32>, KernelError> {
+    (start..start + n)
+        .map(|i| {
+            let (page, offset) =
+                table
+                    .slot(i, page_tokens)
+                    .ok_or_else(|| KernelError::OutOfRange {
+                        field: "start",
+                        value: i as i64,
+                        limit: format!("the table holds {} committed tokens", table.len),
+                    })?;
+            Ok((page as usize * page_tokens + offset) as i32)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -102,7 +152,7 @@ mod tests {
         let k: Vec<f32> = (0..6 * 8).map(|x| x as f32).collect();
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
         storage.write(1, table.view(), 0, &k, &v).unwrap();
-        let (kp, vp) = storage.layer(1);
+        let (kp, vp) = storage.layer(1).unwrap();
         for i in 0..6 {
             let (page, offset) = table.slot(i, 4).unwrap();
             let at = (page as usize * 4 + offset) * 8;
@@ -115,7 +165,7 @@ mod tests {
             6 * 8 - 1,
             "every row once (the first value is 0.0)"
         );
-        assert!(storage.layer(0).0.iter().all(|&x| x == 0.0));
+        assert!(storage.layer(0).unwrap().0.iter().all(|&x| x == 0.0));
         // Tokens not committed to the table are refused, naming the argument.
         let err = storage
             .write(0, table.view(), 5, &k[..16], &v[..16])

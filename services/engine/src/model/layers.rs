@@ -237,6 +237,8 @@ pub(super) struct PagedStep<'a> {
     /// how many of its new tokens to write into the cache after this forward.
     pub commits: &'a [(usize, usize, usize)],
     pub tables: &'a [crate::kv::TableView<'a>],
+    /// The batch on the device, when the pages are there.
+    pub device: Option<&'a crate::kv::DeviceBatch>,
 }
 
 impl Attention {
@@ -253,6 +255,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (_, len, _) = x.dims3()?;
         let (q, k, v) = self.qkv(x, cos, sin, Ops::Fast)?;
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        if let (Some(batch), Some(pages)) = (step.device, storage.on_device()) {
+            // [1, heads, tokens, d] → [tokens, heads, d], the kernels' layout, on the device.
+            let rows = |t: Tensor| t.squeeze(0)?.transpose(0, 1)?.contiguous();
+            let out = pages
+                .attend_and_commit(layer, batch, &rows(q)?, &rows(k)?, &rows(v)?, scale)
+                .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
+            let out = out.reshape((1, len, self.heads * self.head_dim))?;
+            return self.o_proj.forward(&out.to_dtype(x.dtype())?);
+        }
         // [1, heads, tokens, d] → [tokens, heads, d] rows, the kernels' layout.
         let rows = |t: Tensor| -> Result<Vec<f32>> {
             t.transpose(1, 2)?
@@ -265,8 +277,9 @@ impl Attention {
         let row = self.kv_heads * self.head_dim;
         let mut out = vec![0f32; len * self.heads * self.head_dim];
         {
-            let (k_pages, v_pages) = storage.layer(layer);
-            let scale = 1.0 / (self.head_dim as f32).sqrt();
+            let (k_pages, v_pages) = storage.layer(layer).ok_or_else(|| {
+                candle_core::Error::Msg(format!("layer {layer}: no KV pages in host memory"))
+            })?;
             crate::kv::paged_attention(
                 &step.shape,
                 &step.batch,

@@ -86,17 +86,26 @@ impl Model {
             blocks.push(s.query_block as i32);
         }
         let views: Vec<TableView<'_>> = seqs.iter().map(|s| s.table).collect();
+        let batch = RaggedBatch {
+            query_starts: &starts,
+            context_lens: &contexts,
+            query_blocks: &blocks,
+            block_tables: &tables,
+            max_pages_per_seq: max_pages,
+        };
+        let device_batch = match storage.on_device() {
+            Some(pages) => {
+                let slots = commit_slots(seqs, &commits, ids.len(), shape.page_size)?;
+                Some(pages.upload_batch(&shape, &batch, &slots)?)
+            }
+            None => None,
+        };
         let step = PagedStep {
-            batch: RaggedBatch {
-                query_starts: &starts,
-                context_lens: &contexts,
-                query_blocks: &blocks,
-                block_tables: &tables,
-                max_pages_per_seq: max_pages,
-            },
+            batch,
             shape,
             commits: &commits,
             tables: &views,
+            device: device_batch.as_ref(),
         };
         let (cos, sin) = self.rotary.at(&positions)?;
         let input = Tensor::new(ids.as_slice(), self.device())?.unsqueeze(0)?;
@@ -106,4 +115,20 @@ impl Model {
         }
         Ok(self.logits_of(&x, &wanted)?.squeeze(0)?)
     }
+}
+
+/// Per new token of the batch, the slot its K/V row is written to, or -1 when this forward does
+/// not commit it (the scatter kernel's input).
+fn commit_slots(
+    seqs: &[PagedSeq<'_>],
+    commits: &[(usize, usize, usize)],
+    tokens: usize,
+    page_tokens: usize,
+) -> Result<Vec<i32>> {
+    let mut slots = vec![-1; tokens];
+    for (s, &(first, context, commit)) in seqs.iter().zip(commits) {
+        let rows = crate::kv::slots(s.table, context, commit, page_tokens)?;
+        slots[first..first + commit].copy_from_slice(&rows);
+    }
+    Ok(slots)
 }

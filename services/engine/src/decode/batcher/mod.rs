@@ -210,15 +210,17 @@ pub struct StepBatcher<'m> {
 }
 
 impl<'m> StepBatcher<'m> {
-    /// A batcher over `pool`, with K/V storage for every page of it.
-    pub fn new(model: &'m Model, pool: PagePool) -> Self {
-        let storage = KvStorage::new(
+    /// A batcher over `pool`, with K/V storage for every page of it where the model runs (host
+    /// memory, or the GPU's).
+    pub fn new(model: &'m Model, pool: PagePool) -> Result<Self> {
+        let storage = KvStorage::on(
+            model.device(),
             model.config().num_hidden_layers,
             pool.total(),
             model.attention_shape(pool.page_tokens()),
-        );
+        )?;
         let (tx, rx) = mpsc::channel();
-        Self {
+        Ok(Self {
             model,
             pool,
             shared: Arc::new(Shared {
@@ -231,7 +233,7 @@ impl<'m> StepBatcher<'m> {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             tx,
             rx,
-        }
+        })
     }
 
     /// Sets the per-iteration token budget (at least 1).

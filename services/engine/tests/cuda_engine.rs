@@ -1,0 +1,146 @@
+//! The engine's CUDA path against its CPU path: the decoders' greedy choice made on the device
+//! (the kernels' `row_confidence` on candle's tensors, on candle's stream) against the CPU
+//! sampler on the same logits, and the step batcher with its pages on the GPU (the kernels'
+//! paged attention and KV scatter) against decoding alone on the CPU. Needs a GPU: built with
+//! `--features cuda` by kernels/build-gpu-bundle.sh, run by kernels/gpu-check.sh.
+#![cfg(feature = "cuda")]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sdlm_engine::decode::{decoder_for, DecodingParams, Mode, Sampler, StepBatcher};
+use sdlm_engine::kv::PagePool;
+use sdlm_engine::{greedy_choices_on_device, open_model, Device, Model, Tensor};
+
+#[test]
+fn device_choices_equal_the_cpu_sampler_with_the_banned_token_left_out() {
+    let seed: u64 = rand::rng().random();
+    println!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    // Vocabularies: the shipped model's, Qwen's, and two that are not a multiple of the
+    // kernel's 16-byte vectors.
+    for (rows, vocab) in [(1, 8192), (7, 1000), (33, 151_936), (5, 9001)] {
+        let mut values: Vec<f32> = (0..rows * vocab)
+            .map(|_| rng.random_range(-8.0..8.0))
+            .collect();
+        // The banned token is every row's largest logit, so leaving it out changes the answer.
+        let banned = rng.random_range(0..vocab);
+        for r in 0..rows {
+            values[r * vocab + banned] = 100.0;
+        }
+        let on_gpu = Tensor::from_vec(values.clone(), (rows, vocab), &Device::Cpu)
+            .and_then(|t| t.to_device(&gpu))
+            .expect("logits on the GPU");
+        // The whole tensor, and a view that starts one row into its buffer.
+        let views = [
+            (0, on_gpu.clone()),
+            (1, on_gpu.narrow(0, 1, rows - 1).unwrap()),
+        ];
+        for (first, logits) in views {
+            for ban in [Some(banned as u32), None] {
+                let got = greedy_choices_on_device(&logits, ban).expect("device choices");
+                assert_eq!(got.len(), rows - first);
+                let mut sampler = Sampler::new(&DecodingParams::default());
+                for (i, g) in got.iter().enumerate() {
+                    let row = &values[(first + i) * vocab..(first + i + 1) * vocab];
+                    let want = sampler.pick(row, ban);
+                    assert_eq!(
+                        g.token, want.token,
+                        "row {i} of {rows} x {vocab}, ban {ban:?}"
+                    );
+                    let rel = ((g.confidence - want.confidence) / want.confidence).abs();
+                    assert!(
+                        rel <= 1e-5,
+                        "row {i} of {rows} x {vocab}: confidence {} vs {} ({rel:e})",
+                        g.confidence,
+                        want.confidence
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The shipped model: `SDLM_TINY_MODEL` (gpu-check.sh sets it: the test runs from the bundle),
+/// else the checkout's.
+fn shipped_model(device: &Device) -> (Model, tokenizers::Tokenizer) {
+    let dir = std::env::var_os("SDLM_TINY_MODEL").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code"),
+        PathBuf::from,
+    );
+    open_model(&dir, device).expect("the shipped model")
+}
+
+#[test]
+fn the_step_batcher_on_the_gpu_gives_each_sequence_what_the_cpu_gives_it_alone() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let (cpu_model, tokenizer) = shipped_model(&Device::Cpu);
+    let (gpu_model, _) = shipped_model(&gpu);
+    let stems = [
+        "def add(a, b):\n",
+        "import os\n\ndef list_files(path):\n    \"\"\"Return the files under path.\"\"\"\n",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+        "for i in range(10):\n",
+    ];
+    let blocks = [1, 4, 8, 32];
+    let reqs: Vec<(Vec<u32>, DecodingParams)> = (0..16)
+        .map(|i| {
+            let prompt = tokenizer
+                .encode(stems[i % 4], false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            let mode = if i % 5 == 0 {
+                Mode::Autoregressive
+            } else {
+                Mode::Diffusion
+            };
+            let params = DecodingParams {
+                mode,
+                block_size: blocks[(i / 4 + i) % 4],
+                max_new_tokens: 12 + (i % 3) * 10,
+                ..DecodingParams::for_model(cpu_model.config())
+            };
+            (prompt, params)
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = reqs
+        .iter()
+        .map(|(prompt, params)| {
+            let mut d = decoder_for(&cpu_model, prompt, params).unwrap();
+            while d.finished().is_none() {
+                d.step().unwrap();
+            }
+            d.completion().to_vec()
+        })
+        .collect();
+    // Pages of 16 with room for all, and pages of 4 with room for a few (preemption).
+    for pool in [PagePool::new(1024, 16), PagePool::new(24, 4)] {
+        let mut batcher = StepBatcher::new(&gpu_model, pool).expect("pages on the GPU");
+        let ids: Vec<u64> = reqs
+            .iter()
+            .map(|(p, q)| batcher.add(p.clone(), q.clone()))
+            .collect();
+        let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut iterations = 0;
+        while !batcher.is_empty() {
+            iterations += 1;
+            assert!(iterations < 10_000, "the batcher stopped making progress");
+            for o in batcher.step() {
+                assert!(o.error.is_none(), "sequence {}: {:?}", o.id, o.error);
+                out.entry(o.id).or_default().extend(o.tokens);
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                out.get(id),
+                Some(&alone[i]),
+                "request {i} ({:?})",
+                reqs[i].1.mode
+            );
+        }
+    }
+}
