@@ -101,3 +101,146 @@ pub fn greedy_choices_on_device(_logits: &Tensor, _banned: Option<u32>) -> Resul
         "greedy choices on the device need an sdlm built with `--features cuda`".into(),
     ))
 }
+
+/// `residual + x` and its RMSNorm (`weight`, `eps`) in one pass of the kernels'
+/// `residual_rmsnorm`, the sum written into `residual`'s own storage: returns (the sum, the
+/// normed rows). `None` when the tensors are not f32 rows the kernel reads as they are (the
+/// caller then composes candle's ops). `residual` must be the forward's own residual stream,
+/// which nothing else reads afterwards.
+#[cfg(feature = "cuda")]
+pub(crate) fn add_rms_norm_in_place(
+    residual: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    use candle_core::{DType, Storage};
+
+    let plain = |t: &Tensor| -> Result<bool> {
+        let (storage, layout) = t.storage_and_layout();
+        Ok(match &*storage {
+            Storage::Cuda(s) => {
+                t.dtype() == DType::F32
+                    && layout.is_contiguous()
+                    && layout.start_offset() == 0
+                    && s.as_cuda_slice::<f32>()?.len() == t.elem_count()
+            }
+            _ => false,
+        })
+    };
+    let hidden = weight.elem_count();
+    let fits = residual.shape() == x.shape()
+        && residual.dims().last() == Some(&hidden)
+        && hidden % 4 == 0
+        && plain(residual)?
+        && plain(x)?
+        && plain(weight)?;
+    if !fits {
+        return Ok(None);
+    }
+    let op = ResidualRmsNorm {
+        eps: eps as f32,
+        out: std::sync::Mutex::new(None),
+    };
+    residual.inplace_op3(x, weight, &op)?;
+    let out = op
+        .out
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .ok_or_else(|| EngineError::Input("residual_rmsnorm wrote no output".into()))?;
+    let Storage::Cuda(s) = &*residual.storage_and_layout().0 else {
+        return Ok(None);
+    };
+    let storage = candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(out, s.device.clone());
+    let normed = Tensor::from_storage(
+        Storage::Cuda(storage),
+        residual.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok(Some((residual.clone(), normed)))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn add_rms_norm_in_place(
+    _residual: &Tensor,
+    _x: &Tensor,
+    _weight: &Tensor,
+    _eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(None)
+}
+
+/// candle's in-place op around the kernel: the residual is the destination, x and the weight
+/// are read; the normed rows go to a buffer of their own, kept here for the caller.
+#[cfg(feature = "cuda")]
+struct ResidualRmsNorm {
+    eps: f32,
+    out: std::sync::Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::InplaceOp3 for ResidualRmsNorm {
+    fn name(&self) -> &'static str {
+        "residual_rmsnorm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("residual_rmsnorm runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        residual: &mut candle_core::cuda_backend::CudaStorage,
+        _: &candle_core::Layout,
+        x: &candle_core::cuda_backend::CudaStorage,
+        _: &candle_core::Layout,
+        weight: &candle_core::cuda_backend::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let failed = |e: &dyn std::fmt::Display| candle_core::Error::Msg(format!("{e}"));
+        let kernels = kernels_for(&residual.device).map_err(|e| failed(&e))?;
+        let x = x.as_cuda_slice::<f32>()?;
+        let weight = weight.as_cuda_slice::<f32>()?;
+        let mut out = kernels
+            .stream()
+            .alloc_zeros::<f32>(x.len())
+            .map_err(|e| failed(&e))?;
+        kernels
+            .residual_rmsnorm(
+                weight.len(),
+                x,
+                residual.as_cuda_slice_mut::<f32>()?,
+                weight,
+                self.eps,
+                &mut out,
+            )
+            .map_err(|e| failed(&e))?;
+        *self.out.lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
+        Ok(())
+    }
+}
+
+/// Bytes free on `device` now: the GPU's free memory for a CUDA device, `None` for the CPU.
+pub fn free_device_memory(device: &candle_core::Device) -> Result<Option<usize>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            let (free, _total) = d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .map_err(sdlm_kernels::KernelError::from)?;
+            Ok(Some(free))
+        }
+        _ => Ok(None),
+    }
+}

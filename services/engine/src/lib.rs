@@ -18,7 +18,7 @@ mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{DiffusionConfig, Family, ModelConfig};
-pub use cuda_ops::greedy_choices_on_device;
+pub use cuda_ops::{free_device_memory, greedy_choices_on_device};
 pub use device::device_named;
 pub use error::{EngineError, Result};
 pub use mask::{twin_mask, MaskRule};

@@ -140,7 +140,7 @@ pub async fn start(
         .unwrap_or_else(|| model_name_of(&config.model));
     let kv_bytes = config
         .kv_cache_bytes
-        .unwrap_or_else(pages::default_kv_cache_bytes);
+        .unwrap_or_else(|| pages::default_kv_cache_bytes(model.device()));
     let pages = pages::PageBudget::new(kv_bytes, config.page_tokens, model.config());
     let limits = ModelLimits::of(model.config());
     let mask_token_id = model.config().diffusion.mask_token_id;

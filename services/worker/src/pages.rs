@@ -44,8 +44,13 @@ pub fn kv_bytes_per_token(config: &ModelConfig) -> usize {
     2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
 }
 
-/// Half of the memory the kernel reports available, the default KV budget of a CPU worker.
-pub fn default_kv_cache_bytes() -> usize {
+/// The default KV budget: half of the GPU's free memory (read after the weights are loaded)
+/// for a GPU worker, whose pages live there; half of the memory the kernel reports available
+/// for a CPU worker.
+pub fn default_kv_cache_bytes(device: &sdlm_engine::Device) -> usize {
+    if let Ok(Some(free)) = sdlm_engine::free_device_memory(device) {
+        return free / 2;
+    }
     let available_kb = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {

@@ -22,6 +22,31 @@ pub(super) fn rms_norm(norm: &RmsNorm, x: &Tensor, ops: Ops) -> Result<Tensor> {
     }
 }
 
+/// The residual stream after a sub-layer (`residual + h`) and its norm. On a GPU at inference,
+/// one kernel does both and writes the sum into the stream's own storage (one launch and
+/// allocation fewer than an add and a norm); `residual` is the forward's own stream.
+/// `SDLM_UNFUSED_NORM=1` composes candle's add and norm instead, to measure the difference.
+fn add_then_norm(
+    residual: &Tensor,
+    h: &Tensor,
+    norm: &RmsNorm,
+    ops: Ops,
+) -> Result<(Tensor, Tensor)> {
+    static UNFUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let unfused =
+        *UNFUSED.get_or_init(|| std::env::var_os("SDLM_UNFUSED_NORM").is_some_and(|v| v == "1"));
+    if ops == Ops::Fast && residual.device().is_cuda() && !unfused {
+        let fused = crate::cuda_ops::add_rms_norm_in_place(residual, h, norm.weight(), norm.eps())
+            .map_err(|e| candle_core::Error::Msg(format!("residual_rmsnorm: {e}")))?;
+        if let Some(pair) = fused {
+            return Ok(pair);
+        }
+    }
+    let sum = (residual + h)?;
+    let normed = rms_norm(norm, &sum, ops)?;
+    Ok((sum, normed))
+}
+
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 
@@ -366,11 +391,8 @@ impl DecoderLayer {
         let h = self
             .self_attn
             .forward_paged(&normed, cos, sin, step, storage, layer)?;
-        let x = (x + h)?;
-        let h = self
-            .mlp
-            .forward(&rms_norm(&self.post_attention_layernorm, &x, Ops::Fast)?)?;
-        x + h
+        let (x, normed) = add_then_norm(x, &h, &self.post_attention_layernorm, Ops::Fast)?;
+        x + self.mlp.forward(&normed)?
     }
 
     pub(super) fn forward(
@@ -384,10 +406,7 @@ impl DecoderLayer {
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let normed = rms_norm(&self.input_layernorm, x, ops)?;
         let (h, kv) = self.self_attn.forward(&normed, cos, sin, mask, past, ops)?;
-        let x = (x + h)?;
-        let h = self
-            .mlp
-            .forward(&rms_norm(&self.post_attention_layernorm, &x, ops)?)?;
-        Ok(((x + h)?, kv))
+        let (x, normed) = add_then_norm(x, &h, &self.post_attention_layernorm, ops)?;
+        Ok(((x + self.mlp.forward(&normed)?)?, kv))
     }
 }
