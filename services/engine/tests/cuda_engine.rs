@@ -5,14 +5,16 @@
 //! `--features cuda` by kernels/build-gpu-bundle.sh, run by kernels/gpu-check.sh.
 #![cfg(feature = "cuda")]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
+use std::collections::HashMap;
+
+use common::mixed::{alone, requests, shipped_model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sdlm_engine::decode::{decoder_for, DecodingParams, Mode, Sampler, StepBatcher};
+use sdlm_engine::decode::{DecodingParams, Sampler, StepBatcher};
 use sdlm_engine::kv::PagePool;
-use sdlm_engine::{greedy_choices_on_device, open_model, Device, Model, Tensor};
+use sdlm_engine::{greedy_choices_on_device, Device, Tensor};
 
 #[test]
 fn device_choices_equal_the_cpu_sampler_with_the_banned_token_left_out() {
@@ -64,59 +66,13 @@ fn device_choices_equal_the_cpu_sampler_with_the_banned_token_left_out() {
     }
 }
 
-/// The shipped model: `SDLM_TINY_MODEL` (gpu-check.sh sets it: the test runs from the bundle),
-/// else the checkout's.
-fn shipped_model(device: &Device) -> (Model, tokenizers::Tokenizer) {
-    let dir = std::env::var_os("SDLM_TINY_MODEL").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code"),
-        PathBuf::from,
-    );
-    open_model(&dir, device).expect("the shipped model")
-}
-
 #[test]
 fn the_step_batcher_on_the_gpu_gives_each_sequence_what_the_cpu_gives_it_alone() {
     let gpu = Device::new_cuda(0).expect("a CUDA device");
     let (cpu_model, tokenizer) = shipped_model(&Device::Cpu);
     let (gpu_model, _) = shipped_model(&gpu);
-    let stems = [
-        "def add(a, b):\n",
-        "import os\n\ndef list_files(path):\n    \"\"\"Return the files under path.\"\"\"\n",
-        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
-        "for i in range(10):\n",
-    ];
-    let blocks = [1, 4, 8, 32];
-    let reqs: Vec<(Vec<u32>, DecodingParams)> = (0..16)
-        .map(|i| {
-            let prompt = tokenizer
-                .encode(stems[i % 4], false)
-                .unwrap()
-                .get_ids()
-                .to_vec();
-            let mode = if i % 5 == 0 {
-                Mode::Autoregressive
-            } else {
-                Mode::Diffusion
-            };
-            let params = DecodingParams {
-                mode,
-                block_size: blocks[(i / 4 + i) % 4],
-                max_new_tokens: 12 + (i % 3) * 10,
-                ..DecodingParams::for_model(cpu_model.config())
-            };
-            (prompt, params)
-        })
-        .collect();
-    let alone: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|(prompt, params)| {
-            let mut d = decoder_for(&cpu_model, prompt, params).unwrap();
-            while d.finished().is_none() {
-                d.step().unwrap();
-            }
-            d.completion().to_vec()
-        })
-        .collect();
+    let reqs = requests(&cpu_model, &tokenizer);
+    let alone = alone(&cpu_model, &reqs);
     // Pages of 16 with room for all, and pages of 4 with room for a few (preemption).
     for pool in [PagePool::new(1024, 16), PagePool::new(24, 4)] {
         let mut batcher = StepBatcher::new(&gpu_model, pool).expect("pages on the GPU");

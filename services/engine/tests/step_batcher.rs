@@ -3,61 +3,14 @@
 //! completions each gives alone, greedy, token for token; with a cache too small for all of them
 //! at once, preempted sequences resume and still give the same completions.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-use sdlm_engine::decode::{decoder_for, DecodingParams, Mode, StepBatcher};
+use common::mixed::{alone, requests, shipped_model};
+use sdlm_engine::decode::{DecodingParams, StepBatcher};
 use sdlm_engine::kv::PagePool;
-use sdlm_engine::{open_model, Device, Model};
-
-fn shipped_model() -> (Model, tokenizers::Tokenizer) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code");
-    open_model(&dir, &Device::Cpu).unwrap()
-}
-
-/// 16 requests: code prompts of different lengths, each with its own block size and mode.
-fn requests(model: &Model, tokenizer: &tokenizers::Tokenizer) -> Vec<(Vec<u32>, DecodingParams)> {
-    let stems = [
-        "def add(a, b):\n",
-        "import os\n\ndef list_files(path):\n    \"\"\"Return the files under path.\"\"\"\n",
-        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
-        "for i in range(10):\n",
-    ];
-    let blocks = [1, 4, 8, 32];
-    (0..16)
-        .map(|i| {
-            let prompt = tokenizer
-                .encode(stems[i % 4], false)
-                .unwrap()
-                .get_ids()
-                .to_vec();
-            let mode = if i % 5 == 0 {
-                Mode::Autoregressive
-            } else {
-                Mode::Diffusion
-            };
-            let params = DecodingParams {
-                mode,
-                block_size: blocks[(i / 4 + i) % 4],
-                max_new_tokens: 12 + (i % 3) * 10,
-                ..DecodingParams::for_model(model.config())
-            };
-            (prompt, params)
-        })
-        .collect()
-}
-
-fn alone(model: &Model, reqs: &[(Vec<u32>, DecodingParams)]) -> Vec<Vec<u32>> {
-    reqs.iter()
-        .map(|(prompt, params)| {
-            let mut d = decoder_for(model, prompt, params).unwrap();
-            while d.finished().is_none() {
-                d.step().unwrap();
-            }
-            d.completion().to_vec()
-        })
-        .collect()
-}
+use sdlm_engine::{Device, Model};
 
 /// Runs every request through the batcher to the end; completions in request order, and how
 /// many times sequences were preempted.
@@ -92,7 +45,7 @@ fn batched(
 
 #[test]
 fn sixteen_mixed_sequences_batched_equal_each_decoded_alone() {
-    let (model, tokenizer) = shipped_model();
+    let (model, tokenizer) = shipped_model(&Device::Cpu);
     let reqs = requests(&model, &tokenizer);
     let want = alone(&model, &reqs);
     let (got, preemptions) = batched(&model, &reqs, PagePool::new(1024, 16));
@@ -104,7 +57,7 @@ fn sixteen_mixed_sequences_batched_equal_each_decoded_alone() {
 
 #[test]
 fn preempted_sequences_resume_and_give_the_same_completions() {
-    let (model, tokenizer) = shipped_model();
+    let (model, tokenizer) = shipped_model(&Device::Cpu);
     let reqs = requests(&model, &tokenizer);
     let want = alone(&model, &reqs);
     // Room for a few sequences at a time: admission queues the rest, commits run out of pages.

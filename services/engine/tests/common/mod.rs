@@ -1,6 +1,8 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod mixed;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -1,0 +1,63 @@
+//! The shipped model and a mixed set of requests for the step batcher's tests (CPU and GPU).
+
+use std::path::PathBuf;
+
+use sdlm_engine::decode::{decoder_for, DecodingParams, Mode};
+use sdlm_engine::{open_model, Device, Model};
+
+/// The shipped model on `device`: `SDLM_TINY_MODEL` when set (gpu-check.sh sets it: the GPU
+/// test runs from the bundle), else the checkout's.
+pub fn shipped_model(device: &Device) -> (Model, tokenizers::Tokenizer) {
+    let dir = std::env::var_os("SDLM_TINY_MODEL").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code"),
+        PathBuf::from,
+    );
+    open_model(&dir, device).expect("the shipped model")
+}
+
+/// 16 requests: code prompts of different lengths, each with its own block size and mode.
+pub fn requests(
+    model: &Model,
+    tokenizer: &tokenizers::Tokenizer,
+) -> Vec<(Vec<u32>, DecodingParams)> {
+    let stems = [
+        "def add(a, b):\n",
+        "import os\n\ndef list_files(path):\n    \"\"\"Return the files under path.\"\"\"\n",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+        "for i in range(10):\n",
+    ];
+    let blocks = [1, 4, 8, 32];
+    (0..16)
+        .map(|i| {
+            let prompt = tokenizer
+                .encode(stems[i % 4], false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            let mode = if i % 5 == 0 {
+                Mode::Autoregressive
+            } else {
+                Mode::Diffusion
+            };
+            let params = DecodingParams {
+                mode,
+                block_size: blocks[(i / 4 + i) % 4],
+                max_new_tokens: 12 + (i % 3) * 10,
+                ..DecodingParams::for_model(model.config())
+            };
+            (prompt, params)
+        })
+        .collect()
+}
+
+pub fn alone(model: &Model, reqs: &[(Vec<u32>, DecodingParams)]) -> Vec<Vec<u32>> {
+    reqs.iter()
+        .map(|(prompt, params)| {
+            let mut d = decoder_for(model, prompt, params).unwrap();
+            while d.finished().is_none() {
+                d.step().unwrap();
+            }
+            d.completion().to_vec()
+        })
+        .collect()
+}
