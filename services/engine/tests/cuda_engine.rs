@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use common::mixed::{alone, requests, shipped_model};
+use common::mixed::{alone, batched, requests, shipped_model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sdlm_engine::decode::{DecodingParams, Sampler, StepBatcher};
+use sdlm_engine::decode::{DecodingParams, Sampler};
 use sdlm_engine::kv::PagePool;
 use sdlm_engine::{greedy_choices_on_device, Device, Tensor};
 
@@ -75,28 +73,9 @@ fn the_step_batcher_on_the_gpu_gives_each_sequence_what_the_cpu_gives_it_alone()
     let alone = alone(&cpu_model, &reqs);
     // Pages of 16 with room for all, and pages of 4 with room for a few (preemption).
     for pool in [PagePool::new(1024, 16), PagePool::new(24, 4)] {
-        let mut batcher = StepBatcher::new(&gpu_model, pool).expect("pages on the GPU");
-        let ids: Vec<u64> = reqs
-            .iter()
-            .map(|(p, q)| batcher.add(p.clone(), q.clone()))
-            .collect();
-        let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
-        let mut iterations = 0;
-        while !batcher.is_empty() {
-            iterations += 1;
-            assert!(iterations < 10_000, "the batcher stopped making progress");
-            for o in batcher.step() {
-                assert!(o.error.is_none(), "sequence {}: {:?}", o.id, o.error);
-                out.entry(o.id).or_default().extend(o.tokens);
-            }
-        }
-        for (i, id) in ids.iter().enumerate() {
-            assert_eq!(
-                out.get(id),
-                Some(&alone[i]),
-                "request {i} ({:?})",
-                reqs[i].1.mode
-            );
+        let (got, _) = batched(&gpu_model, &reqs, pool);
+        for (i, (g, w)) in got.iter().zip(&alone).enumerate() {
+            assert_eq!(g, w, "request {i} ({:?})", reqs[i].1.mode);
         }
     }
 }

@@ -5,43 +5,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use common::mixed::{alone, requests, shipped_model};
-use sdlm_engine::decode::{DecodingParams, StepBatcher};
+use common::mixed::{alone, batched, requests, shipped_model};
 use sdlm_engine::kv::PagePool;
-use sdlm_engine::{Device, Model};
-
-/// Runs every request through the batcher to the end; completions in request order, and how
-/// many times sequences were preempted.
-fn batched(
-    model: &Model,
-    reqs: &[(Vec<u32>, DecodingParams)],
-    pool: PagePool,
-) -> (Vec<Vec<u32>>, usize) {
-    let mut batcher = StepBatcher::new(model, pool).unwrap();
-    let ids: Vec<u64> = reqs
-        .iter()
-        .map(|(p, params)| batcher.add(p.clone(), params.clone()))
-        .collect();
-    let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
-    let mut preemptions = 0;
-    let mut iterations = 0;
-    while !batcher.is_empty() {
-        iterations += 1;
-        assert!(iterations < 10_000, "the batcher stopped making progress");
-        for o in batcher.step() {
-            assert!(o.error.is_none(), "sequence {}: {:?}", o.id, o.error);
-            out.entry(o.id).or_default().extend(o.tokens);
-            preemptions += o.preempted as usize;
-        }
-    }
-    let completions = ids
-        .iter()
-        .map(|id| out.remove(id).unwrap_or_default())
-        .collect();
-    (completions, preemptions)
-}
+use sdlm_engine::Device;
 
 #[test]
 fn sixteen_mixed_sequences_batched_equal_each_decoded_alone() {

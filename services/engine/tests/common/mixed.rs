@@ -1,8 +1,10 @@
 //! The shipped model and a mixed set of requests for the step batcher's tests (CPU and GPU).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-use sdlm_engine::decode::{decoder_for, DecodingParams, Mode};
+use sdlm_engine::decode::{decoder_for, DecodingParams, Mode, StepBatcher};
+use sdlm_engine::kv::PagePool;
 use sdlm_engine::{open_model, Device, Model};
 
 /// The shipped model on `device`: `SDLM_TINY_MODEL` when set (gpu-check.sh sets it: the GPU
@@ -60,4 +62,35 @@ pub fn alone(model: &Model, reqs: &[(Vec<u32>, DecodingParams)]) -> Vec<Vec<u32>
             d.completion().to_vec()
         })
         .collect()
+}
+
+/// Runs every request through the batcher to the end; completions in request order, and how
+/// many times sequences were preempted.
+pub fn batched(
+    model: &Model,
+    reqs: &[(Vec<u32>, DecodingParams)],
+    pool: PagePool,
+) -> (Vec<Vec<u32>>, usize) {
+    let mut batcher = StepBatcher::new(model, pool).unwrap();
+    let ids: Vec<u64> = reqs
+        .iter()
+        .map(|(p, params)| batcher.add(p.clone(), params.clone()))
+        .collect();
+    let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+    let mut preemptions = 0;
+    let mut iterations = 0;
+    while !batcher.is_empty() {
+        iterations += 1;
+        assert!(iterations < 10_000, "the batcher stopped making progress");
+        for o in batcher.step() {
+            assert!(o.error.is_none(), "sequence {}: {:?}", o.id, o.error);
+            out.entry(o.id).or_default().extend(o.tokens);
+            preemptions += o.preempted as usize;
+        }
+    }
+    let completions = ids
+        .iter()
+        .map(|id| out.remove(id).unwrap_or_default())
+        .collect();
+    (completions, preemptions)
 }
