@@ -6,6 +6,7 @@
 mod autoregressive;
 mod batcher;
 mod diffusion;
+mod greedy;
 mod params;
 mod rows;
 mod sampling;

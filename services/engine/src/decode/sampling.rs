@@ -1,9 +1,9 @@
 //! Choosing a token from a logits row, and how sure the model is of it. Greedy (temperature 0)
-//! goes through the kernels' reference `row_confidence`, the CPU twin of the CUDA kernel.
+//! takes the vectorised `greedy_pick`, tested against the kernels' reference `row_confidence`
+//! (the CPU twin of the CUDA kernel).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sdlm_kernels::reference::row_confidence;
 
 use super::params::DecodingParams;
 use super::rows::Row;
@@ -44,22 +44,12 @@ impl Sampler {
     /// A token for `logits` (one row), with its probability. `banned` (the mask token) is
     /// never chosen.
     pub fn pick(&mut self, logits: &[f32], banned: Option<u32>) -> Pick {
+        if self.temperature == 0.0 {
+            return super::greedy::greedy_pick(logits, banned);
+        }
         let mut row = logits.to_vec();
         if let Some(b) = banned.filter(|&b| (b as usize) < row.len()) {
             row[b as usize] = f32::NEG_INFINITY;
-        }
-        if self.temperature == 0.0 {
-            // A single row of valid length and finite temperature cannot fail.
-            return match row_confidence(&row, row.len(), 0.0) {
-                Ok(r) => Pick {
-                    token: r[0].token as u32,
-                    confidence: r[0].confidence,
-                },
-                Err(_) => Pick {
-                    token: 0,
-                    confidence: 0.0,
-                },
-            };
         }
         let probs = softmax(&row, self.temperature);
         let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
