@@ -1,5 +1,5 @@
 //! Grouped-query attention under an additive mask as one differentiable candle op, for training
-//! on the CPU. Composed of tensor ops, the attention of a 512-token corrupted ‖ clean window
+//! and for decoding without the paged cache on the CPU. Composed of tensor ops, the attention of a 512-token corrupted ‖ clean window
 //! materialises `[batch, heads, 512, 512]` scores and runs a dozen element-wise passes over them
 //! forward and backward, most of them over positions the mask forbids (the twin mask lets a query
 //! see about a quarter of the keys). This op walks only the allowed key spans of each query row,
