@@ -53,21 +53,28 @@ pub fn greedy_choices_on_device(logits: &Tensor, banned: Option<u32>) -> Result<
 /// that takes a bare device slice reads. Copies only when `t` is not that already.
 #[cfg(feature = "cuda")]
 pub(crate) fn exact_f32(t: &Tensor) -> Result<Tensor> {
+    let t = t.to_dtype(candle_core::DType::F32)?;
+    Ok(if plain_f32(&t)? {
+        t
+    } else {
+        t.force_contiguous()?
+    })
+}
+
+/// Whether `t` is f32 on a CUDA device and its buffer holds exactly its elements, in order.
+#[cfg(feature = "cuda")]
+fn plain_f32(t: &Tensor) -> Result<bool> {
     use candle_core::{DType, Storage};
 
-    let t = t.to_dtype(DType::F32)?;
-    let exact = {
-        let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => {
-                layout.is_contiguous()
-                    && layout.start_offset() == 0
-                    && s.as_cuda_slice::<f32>()?.len() == t.elem_count()
-            }
-            _ => false,
+    let (storage, layout) = t.storage_and_layout();
+    Ok(match &*storage {
+        Storage::Cuda(s) if t.dtype() == DType::F32 => {
+            layout.is_contiguous()
+                && layout.start_offset() == 0
+                && s.as_cuda_slice::<f32>()?.len() == t.elem_count()
         }
-    };
-    Ok(if exact { t } else { t.force_contiguous()? })
+        _ => false,
+    })
 }
 
 /// The kernels loaded into a candle device's context, bound to its stream; loaded once per
@@ -114,27 +121,15 @@ pub(crate) fn add_rms_norm_in_place(
     weight: &Tensor,
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    use candle_core::{DType, Storage};
+    use candle_core::Storage;
 
-    let plain = |t: &Tensor| -> Result<bool> {
-        let (storage, layout) = t.storage_and_layout();
-        Ok(match &*storage {
-            Storage::Cuda(s) => {
-                t.dtype() == DType::F32
-                    && layout.is_contiguous()
-                    && layout.start_offset() == 0
-                    && s.as_cuda_slice::<f32>()?.len() == t.elem_count()
-            }
-            _ => false,
-        })
-    };
     let hidden = weight.elem_count();
     let fits = residual.shape() == x.shape()
         && residual.dims().last() == Some(&hidden)
         && hidden % 4 == 0
-        && plain(residual)?
-        && plain(x)?
-        && plain(weight)?;
+        && plain_f32(residual)?
+        && plain_f32(x)?
+        && plain_f32(weight)?;
     if !fits {
         return Ok(None);
     }
