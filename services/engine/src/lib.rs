@@ -13,6 +13,7 @@ mod mask;
 mod model;
 mod perplexity;
 mod simd;
+mod switches;
 mod tokenizer;
 mod weights;
 

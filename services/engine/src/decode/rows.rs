@@ -8,8 +8,6 @@ use super::params::DecodingParams;
 use super::sampling::Pick;
 use crate::error::Result;
 
-const HOST_CHOICES: &str = "SDLM_HOST_CHOICES";
-
 /// One logits row as a decoder keeps it.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Row {
@@ -49,7 +47,7 @@ impl RowReader {
     /// `SDLM_HOST_CHOICES=1` in the environment reads whole rows to the host anyway, to measure
     /// what the device choice saves.
     pub(crate) fn new(logits_on_gpu: bool, params: &DecodingParams, banned: Option<u32>) -> Self {
-        let host_forced = std::env::var_os(HOST_CHOICES).is_some_and(|v| v == "1");
+        let host_forced = crate::switches::HOST_CHOICES.on();
         Self {
             on_device: logits_on_gpu && params.temperature == 0.0 && !params.refine && !host_forced,
             banned,

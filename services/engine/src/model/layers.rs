@@ -32,10 +32,7 @@ fn add_then_norm(
     norm: &RmsNorm,
     ops: Ops,
 ) -> Result<(Tensor, Tensor)> {
-    static UNFUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let unfused =
-        *UNFUSED.get_or_init(|| std::env::var_os("SDLM_UNFUSED_NORM").is_some_and(|v| v == "1"));
-    if ops == Ops::Fast && residual.device().is_cuda() && !unfused {
+    if ops == Ops::Fast && residual.device().is_cuda() && !crate::switches::UNFUSED_NORM.on() {
         let fused = crate::cuda_ops::add_rms_norm_in_place(residual, h, norm.weight(), norm.eps())
             .map_err(|e| candle_core::Error::Msg(format!("residual_rmsnorm: {e}")))?;
         if let Some(pair) = fused {

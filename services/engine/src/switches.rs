@@ -1,0 +1,30 @@
+//! Switches read from the environment once per process, each turning one optimisation off so
+//! that a benchmark can measure it against the path it replaced in the same run.
+
+use std::sync::OnceLock;
+
+pub(crate) struct Switch {
+    name: &'static str,
+    value: OnceLock<bool>,
+}
+
+impl Switch {
+    pub(crate) const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            value: OnceLock::new(),
+        }
+    }
+
+    /// Whether the variable is set to `1`.
+    pub(crate) fn on(&self) -> bool {
+        *self
+            .value
+            .get_or_init(|| std::env::var_os(self.name).is_some_and(|v| v == "1"))
+    }
+}
+
+/// `SDLM_HOST_CHOICES=1`: decoders on a GPU read whole logits rows to the host.
+pub(crate) static HOST_CHOICES: Switch = Switch::new("SDLM_HOST_CHOICES");
+/// `SDLM_UNFUSED_NORM=1`: GPU layers compose candle's add and norm instead of the fused kernel.
+pub(crate) static UNFUSED_NORM: Switch = Switch::new("SDLM_UNFUSED_NORM");
