@@ -238,7 +238,21 @@ impl Etcd {
         let etcd = which("etcd").unwrap_or_else(|| {
             panic!("etcd is not installed: run scripts/install-etcd.sh (Debian's etcd-server)")
         });
-        let dir = TempDir::new("etcd");
+        // A port free when asked can be taken before etcd binds it (free_port releases it):
+        // then etcd exits at once, and a fresh pair of ports is tried.
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            let dir = TempDir::new("etcd");
+            match Self::try_start(&etcd, dir) {
+                Ok(started) => return started,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("etcd did not listen: {last_log}")
+    }
+
+    /// etcd on two fresh ports; its log when it exits before listening.
+    fn try_start(etcd: &std::path::Path, dir: TempDir) -> Result<Self, String> {
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let log = dir.0.join("etcd.log");
@@ -264,7 +278,7 @@ impl Etcd {
             .spawn()
             .expect("etcd starts");
         let (_tx, rx) = std::sync::mpsc::channel();
-        let proc = Proc {
+        let mut proc = Proc {
             name: "etcd".into(),
             child,
             log,
@@ -272,18 +286,17 @@ impl Etcd {
         };
         let end = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            assert!(
-                Instant::now() < end,
-                "etcd did not listen: {}",
-                proc.log_text()
-            );
+            let exited = matches!(proc.child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() >= end {
+                return Err(proc.log_text());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self {
+        Ok(Self {
             url,
             proc,
             _dir: dir,
-        }
+        })
     }
 }
 
