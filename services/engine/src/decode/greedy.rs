@@ -6,7 +6,7 @@
 //! (AVX2 build, measured on this project's 2-core Xeon).
 
 use super::sampling::Pick;
-use crate::simd::{dispatch, wide_simd, Build};
+use crate::simd::{dispatch, exp, wide_simd, Build};
 
 /// Lanes the compiler keeps in independent registers, so that the loops vectorise.
 const LANES: usize = 16;
@@ -103,33 +103,6 @@ fn exp_sum(xs: &[f32], max: f32) -> f64 {
     total
 }
 
-/// e^t for t ≤ 0 (Cephes' expf: t = n·ln 2 + r, |r| ≤ ln 2 / 2, a degree-6 polynomial for e^r,
-/// 2^n by exponent bits), relative error ~1e-7; below −87 (e^t < 2^-125) it returns e^-87,
-/// nothing beside the 1 that the maximum contributes.
-#[inline(always)]
-fn exp(t: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Round t·log2(e) to the nearest integer n by adding 1.5·2^23: the sum's low mantissa bits
-    // are then n itself (no floor or float-to-int conversion in the loop).
-    const SHIFTER: f32 = 12_582_912.0;
-    let t = t.max(-87.0);
-    let k = t * LOG2E + SHIFTER;
-    let n = k - SHIFTER;
-    let r = t - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e_r = p * r * r + r + 1.0;
-    // n is in [-126, 0]: 2^n is a normal f32, its exponent field n + 127.
-    let n_bits = k.to_bits().wrapping_sub(SHIFTER.to_bits());
-    e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
@@ -187,16 +160,6 @@ mod tests {
         assert!((greedy_pick(&row, None).confidence - want).abs() < 1e-6);
         let none = greedy_pick(&[f32::NEG_INFINITY; 3], None);
         assert_eq!((none.token, none.confidence), (0, 0.0));
-    }
-
-    #[test]
-    fn the_exp_is_within_2e_7_of_f64_down_to_where_it_stops() {
-        for i in 0..=87_000 {
-            let t = -(i as f32) / 1000.0;
-            let want = (t as f64).exp();
-            let rel = ((exp(t) as f64 - want) / want).abs();
-            assert!(rel < 2e-7, "e^{t}: {rel:e}");
-        }
     }
 
     #[test]

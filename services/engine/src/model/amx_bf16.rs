@@ -15,23 +15,24 @@
 //! tiles (for GPU inputs and training), so a packed model holds 1.5× its f32 bytes.
 //!
 //! The tile registers are not operands Rust's `asm!` can name, so each instruction is its own
-//! `asm!` with fixed registers (tmm0–3 the accumulators of up to four 16-row groups, tmm4 the
-//! weight tile, tmm5 the input tile); the compiler never uses them, so they keep their values
-//! from one statement to the next.
+//! `asm!` with fixed registers (tmm0–3 the accumulators of 2 row groups × 2 output blocks,
+//! tmm4–5 the two input tiles, tmm6–7 the two weight tiles); the compiler never uses them, so
+//! they keep their values from one statement to the next.
 
-use super::row_tasks::by_weight_rows;
+use rayon::prelude::*;
 
 /// Outputs per weight tile, and input rows per accumulator tile.
 const TILE: usize = 16;
 /// Inputs per tile (16 pairs of bf16: 64 bytes, a tile row).
 const DEPTH: usize = 32;
-/// Input rows one pass over the weights takes: four accumulator tiles.
-const ROWS_PER_PASS: usize = 4 * TILE;
-/// Outputs per task: a multiple of [`TILE`]; at 256 inputs, 128 KB of bf16 weights.
-const OUTPUTS_PER_TASK: usize = 256;
+/// Output blocks (of [`TILE`]) per task when a product is split across threads: 128 outputs,
+/// at 256 inputs 64 KB of bf16 weights.
+const BLOCKS_PER_TASK: usize = 8;
 /// Weight bytes from which a product is split across threads (the shipped model's LM head, not
 /// its 128–360 KB layer weights): on the 2-core machine, 32 KB, 128 KB and 512 KB gave the same
-/// decoding speed within the runs' spread, and fewer splits wake the other thread less often.
+/// decoding speed within the runs' spread, and fewer splits wake the other thread less often;
+/// at 64–128 rows too a layer weight's product ran faster on one thread (57 against 71 µs for
+/// 64 × 704 × 256 inside the pool), the LM head's faster on two (552 against 698 µs at 64 rows).
 const PARALLEL_FROM_BYTES: usize = 1 << 19;
 
 /// Whether this CPU and kernel run AMX-BF16: the CPU reports AMX-TILE and AMX-BF16, and Linux
@@ -116,82 +117,158 @@ impl Bf16Tiles {
         assert!(available(), "AMX-BF16 matmul on a CPU without it");
         debug_assert_eq!(x.len(), m * self.k);
         let kb = self.k.div_ceil(DEPTH);
-        let width = kb * DEPTH;
-        // The input rows in bf16, padded with zeros to whole tiles (rows and inputs).
-        let mut input = vec![0u16; m.div_ceil(TILE) * TILE * width];
-        for (dst, src) in input.chunks_mut(width).zip(x.chunks(self.k)) {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = to_bf16(s);
-            }
-        }
+        let input = bf16_rows(x, m, self.k, kb * DEPTH);
+        let mut out = vec![0f32; m * self.n];
+        let blocks = self.n.div_ceil(TILE);
         let parallel = self.tiles.len() * 2 >= PARALLEL_FROM_BYTES;
-        by_weight_rows(
+        let per_task = match parallel {
+            true => BLOCKS_PER_TASK,
+            false => blocks,
+        };
+        let target = Target {
+            out: out.as_mut_ptr(),
             m,
-            self.n,
-            OUTPUTS_PER_TASK,
-            parallel,
-            |first, count, strip| {
-                // SAFETY: `available()` held above: the CPU has AMX and the OS granted its state.
-                unsafe { self.fill_strip(&input, m, width, first, count, strip) }
-            },
-        )
+            n: self.n,
+        };
+        let task = |t: usize| {
+            let range = t * per_task..blocks.min((t + 1) * per_task);
+            // SAFETY: `available()` held above: the CPU has AMX and the OS granted its state;
+            // tasks write disjoint output blocks of `out`, which outlives them.
+            unsafe { self.fill_blocks(&input, kb, range, &target) }
+        };
+        let tasks = blocks.div_ceil(per_task);
+        if parallel {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+        out
     }
 
-    /// Outputs `first..first + count` for every input row, into `strip [m, count]`.
+    /// Every input row's outputs for the output blocks `blocks` (16 outputs each), written into
+    /// `target`. The accumulators take up to 2 row groups × 2 output blocks at a time (32 rows
+    /// × 32 outputs: each input and weight tile loaded once for two multiplies; the kernel before
+    /// it, four row groups × one block into strips copied into place, took 1.6× as long for a
+    /// step batcher's 64–128 rows × 704 × 256 and 1.3× for 4 rows, with cold weights), output
+    /// blocks outer, so that a block's weight tiles come from memory once and from L1 or L2 for
+    /// the row groups after the first.
     ///
     /// # Safety
-    /// Only where [`available`] is true.
+    /// Only where [`available`] is true; `target` is `[m, n]` and no other thread writes these
+    /// blocks' columns.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn fill_strip(
+    unsafe fn fill_blocks(
         &self,
         input: &[u16],
-        m: usize,
-        width: usize,
-        first: usize,
-        count: usize,
-        strip: &mut [f32],
+        kb: usize,
+        blocks: std::ops::Range<usize>,
+        target: &Target,
     ) {
-        let kb = width / DEPTH;
+        let (tile_values, width) = (TILE * DEPTH, kb * DEPTH);
+        let weights = |ob: usize| &self.tiles[ob * kb * tile_values..][..kb * tile_values];
         let config = TileConfig::new();
         amx::load_config(&config);
-        let mut out = [0f32; TILE * TILE];
-        for pass in (0..m).step_by(ROWS_PER_PASS) {
-            let groups = (m - pass).div_ceil(TILE).min(ROWS_PER_PASS / TILE);
-            for ob in (first / TILE)..(first + count).div_ceil(TILE) {
-                for g in 0..groups {
-                    amx::zero(g);
+        let mut ob = blocks.start;
+        while ob < blocks.end {
+            let two_blocks = ob + 1 < blocks.end;
+            let (wc, wd) = (weights(ob), weights(if two_blocks { ob + 1 } else { ob }));
+            let mut row = 0;
+            while row < target.m {
+                let two_rows = target.m - row > TILE;
+                for acc in 0..4 {
+                    amx::zero(acc);
                 }
                 for ib in 0..kb {
-                    let tile = &self.tiles[(ob * kb + ib) * TILE * DEPTH..][..TILE * DEPTH];
-                    amx::load_weights(tile.as_ptr());
-                    for g in 0..groups {
-                        let rows = &input[(pass + g * TILE) * width + ib * DEPTH..];
-                        amx::load_inputs(rows.as_ptr(), width * 2);
-                        amx::multiply_add(g);
+                    let x = |r: usize| input[r * width + ib * DEPTH..].as_ptr();
+                    amx::load(4, x(row), width * 2);
+                    if two_rows {
+                        amx::load(5, x(row + TILE), width * 2);
+                    }
+                    amx::load(6, wc[ib * tile_values..].as_ptr(), DEPTH * 2);
+                    if two_blocks {
+                        amx::load(7, wd[ib * tile_values..].as_ptr(), DEPTH * 2);
+                    }
+                    amx::multiply_add(0, 4, 6);
+                    if two_blocks {
+                        amx::multiply_add(1, 4, 7);
+                    }
+                    if two_rows {
+                        amx::multiply_add(2, 5, 6);
+                        if two_blocks {
+                            amx::multiply_add(3, 5, 7);
+                        }
                     }
                 }
-                let col = ob * TILE - first;
-                let cols = TILE.min(count - col);
-                for g in 0..groups {
-                    amx::store(g, out.as_mut_ptr());
-                    let row0 = pass + g * TILE;
-                    for r in 0..TILE.min(m - row0) {
-                        strip[(row0 + r) * count + col..][..cols]
-                            .copy_from_slice(&out[r * TILE..r * TILE + cols]);
-                    }
+                let groups: &[(usize, usize, usize)] = match (two_rows, two_blocks) {
+                    (true, true) => &[(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)],
+                    (true, false) => &[(0, 0, 0), (2, 1, 0)],
+                    (false, true) => &[(0, 0, 0), (1, 0, 1)],
+                    (false, false) => &[(0, 0, 0)],
+                };
+                for &(acc, dr, db) in groups {
+                    target.store(acc, row + dr * TILE, (ob + db) * TILE);
                 }
+                row += if two_rows { 2 * TILE } else { TILE };
             }
+            ob += if two_blocks { 2 } else { 1 };
         }
         amx::release();
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn fill_strip(&self, _: &[u16], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unsafe fn fill_blocks(&self, _: &[u16], _: usize, _: std::ops::Range<usize>, _: &Target) {
         unreachable!("AMX is x86-64 only; available() is false elsewhere")
     }
 }
 
-/// The 64-byte operand of `ldtilecfg` (palette 1): tmm0–5 all 16 rows of 64 bytes.
+/// The rows `x [m, k]` in bf16, each padded with zeros to `width`, and zero rows up to a whole
+/// tile (a tile load reads 16 rows).
+fn bf16_rows(x: &[f32], m: usize, k: usize, width: usize) -> Vec<u16> {
+    let mut input = vec![0u16; m.div_ceil(TILE) * TILE * width];
+    for (dst, src) in input.chunks_mut(width).zip(x.chunks(k)) {
+        super::bf16_round::round_into(src, &mut dst[..k]);
+    }
+    input
+}
+
+/// The `[m, n]` f32 output the tasks of one product write, each its own output blocks.
+struct Target {
+    out: *mut f32,
+    m: usize,
+    n: usize,
+}
+
+// SAFETY: the tasks sharing a `Target` write disjoint columns (`fill_blocks`' contract).
+unsafe impl Sync for Target {}
+
+impl Target {
+    /// Accumulator `acc` into rows `row..row + 16`, columns `col..col + 16` (those that exist).
+    ///
+    /// # Safety
+    /// Tiles configured and the accumulator filled on this thread; no other thread writes
+    /// these columns.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn store(&self, acc: usize, row: usize, col: usize) {
+        let (rows, cols) = (TILE.min(self.m - row), TILE.min(self.n - col));
+        // SAFETY: row < m and col < n, so the offset is inside `out`.
+        let at = unsafe { self.out.add(row * self.n + col) };
+        if rows == TILE && cols == TILE {
+            // SAFETY: 16 rows of 16 values at stride n lie inside `out`.
+            unsafe { amx::store(acc, at, self.n * 4) };
+            return;
+        }
+        let mut tile = [0f32; TILE * TILE];
+        // SAFETY: `tile` holds 16 rows of 16 values at stride 64 bytes.
+        unsafe { amx::store(acc, tile.as_mut_ptr(), TILE * 4) };
+        for r in 0..rows {
+            // SAFETY: row + r < m and col + cols <= n.
+            let dst = unsafe { std::slice::from_raw_parts_mut(at.add(r * self.n), cols) };
+            dst.copy_from_slice(&tile[r * TILE..r * TILE + cols]);
+        }
+    }
+}
+
+/// The 64-byte operand of `ldtilecfg` (palette 1): tmm0–7 all 16 rows of 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -210,7 +287,7 @@ impl TileConfig {
             bytes_per_row: [0; 16],
             rows: [0; 16],
         };
-        for t in 0..6 {
+        for t in 0..8 {
             c.bytes_per_row[t] = (DEPTH * 2) as u16;
             c.rows[t] = TILE as u8;
         }
@@ -222,7 +299,7 @@ impl TileConfig {
 /// (`load_config`) on this thread; pointers cover 16 rows at the stated stride.
 #[cfg(target_arch = "x86_64")]
 mod amx {
-    use super::{TileConfig, DEPTH, TILE};
+    use super::TileConfig;
     use std::arch::asm;
 
     pub(super) unsafe fn load_config(c: &TileConfig) {
@@ -237,25 +314,27 @@ mod amx {
         }
     }
 
-    /// The weight tile (tmm4): 16 rows of 64 bytes, contiguous.
-    pub(super) unsafe fn load_weights(p: *const u16) {
+    /// Tile register `reg` (4–7) from 16 rows of 64 bytes, `stride` bytes apart.
+    pub(super) unsafe fn load(reg: usize, p: *const u16, stride: usize) {
+        macro_rules! load {
+            ($t:literal) => {
+                asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}]"), p = in(reg) p,
+                     s = in(reg) stride, options(nostack, readonly))
+            };
+        }
         unsafe {
-            asm!("tileloadd tmm4, [{p} + {s}]", p = in(reg) p, s = in(reg) DEPTH * 2,
-                 options(nostack, readonly));
+            match reg {
+                4 => load!("4"),
+                5 => load!("5"),
+                6 => load!("6"),
+                _ => load!("7"),
+            }
         }
     }
 
-    /// The input tile (tmm5): 16 rows of 32 bf16, `stride` bytes apart.
-    pub(super) unsafe fn load_inputs(p: *const u16, stride: usize) {
+    pub(super) unsafe fn zero(acc: usize) {
         unsafe {
-            asm!("tileloadd tmm5, [{p} + {s}]", p = in(reg) p, s = in(reg) stride,
-                 options(nostack, readonly));
-        }
-    }
-
-    pub(super) unsafe fn zero(group: usize) {
-        unsafe {
-            match group {
+            match acc {
                 0 => asm!("tilezero tmm0", options(nostack, nomem)),
                 1 => asm!("tilezero tmm1", options(nostack, nomem)),
                 2 => asm!("tilezero tmm2", options(nostack, nomem)),
@@ -264,35 +343,34 @@ mod amx {
         }
     }
 
-    /// Accumulator `group` += input tile · weight tile.
-    pub(super) unsafe fn multiply_add(group: usize) {
+    /// Accumulator `acc` (0–3) += input tile `x` (4 or 5) · weight tile `w` (6 or 7), in the
+    /// four pairings the 2 × 2 blocking uses.
+    pub(super) unsafe fn multiply_add(acc: usize, x: usize, w: usize) {
         unsafe {
-            match group {
-                0 => asm!("tdpbf16ps tmm0, tmm5, tmm4", options(nostack, nomem)),
-                1 => asm!("tdpbf16ps tmm1, tmm5, tmm4", options(nostack, nomem)),
-                2 => asm!("tdpbf16ps tmm2, tmm5, tmm4", options(nostack, nomem)),
-                _ => asm!("tdpbf16ps tmm3, tmm5, tmm4", options(nostack, nomem)),
+            match (acc, x, w) {
+                (0, 4, 6) => asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem)),
+                (1, 4, 7) => asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem)),
+                (2, 5, 6) => asm!("tdpbf16ps tmm2, tmm5, tmm6", options(nostack, nomem)),
+                (3, 5, 7) => asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem)),
+                _ => unreachable!("tile pairing ({acc}, {x}, {w}) is not one of the blocking's"),
             }
         }
     }
 
-    /// Accumulator `group` to `out [16, 16]` f32.
-    pub(super) unsafe fn store(group: usize, out: *mut f32) {
+    /// Accumulator `acc` to 16 rows of 16 f32 at `out`, `stride` bytes apart.
+    pub(super) unsafe fn store(acc: usize, out: *mut f32, stride: usize) {
+        macro_rules! store {
+            ($t:literal) => {
+                asm!(concat!("tilestored [{p} + {s}], tmm", $t), p = in(reg) out,
+                     s = in(reg) stride, options(nostack))
+            };
+        }
         unsafe {
-            let s = TILE * 4;
-            match group {
-                0 => {
-                    asm!("tilestored [{p} + {s}], tmm0", p = in(reg) out, s = in(reg) s, options(nostack))
-                }
-                1 => {
-                    asm!("tilestored [{p} + {s}], tmm1", p = in(reg) out, s = in(reg) s, options(nostack))
-                }
-                2 => {
-                    asm!("tilestored [{p} + {s}], tmm2", p = in(reg) out, s = in(reg) s, options(nostack))
-                }
-                _ => {
-                    asm!("tilestored [{p} + {s}], tmm3", p = in(reg) out, s = in(reg) s, options(nostack))
-                }
+            match acc {
+                0 => store!("0"),
+                1 => store!("1"),
+                2 => store!("2"),
+                _ => store!("3"),
             }
         }
     }
@@ -347,6 +425,8 @@ mod tests {
             (40, 50, 64),
             (70, 33, 256),
             (3, 2100, 256),
+            // Split across threads, an odd number of output blocks, rows past one 2 × 2 pass.
+            (37, 1000, 96),
         ] {
             let x = values(m * k, 1);
             let w = values(n * k, 2);
@@ -371,14 +451,16 @@ mod tests {
             eprintln!("skipped: this CPU has no AMX-BF16");
             return;
         }
-        let (n, k) = (72, 96);
-        let tiles = Bf16Tiles::pack(&values(n * k, 3), n, k);
-        let m = 37;
-        let x = values(m * k, 4);
-        let batch = tiles.matmul(&x, m);
-        for i in 0..m {
-            let alone = tiles.matmul(&x[i * k..(i + 1) * k], 1);
-            assert_eq!(alone, batch[i * n..(i + 1) * n], "row {i}");
+        // The second product is split across threads in the batch, not for a row alone.
+        for (n, k) in [(72, 96), (1000, 256)] {
+            let tiles = Bf16Tiles::pack(&values(n * k, 3), n, k);
+            let m = 37;
+            let x = values(m * k, 4);
+            let batch = tiles.matmul(&x, m);
+            for i in 0..m {
+                let alone = tiles.matmul(&x[i * k..(i + 1) * k], 1);
+                assert_eq!(alone, batch[i * n..(i + 1) * n], "n {n}, row {i}");
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 //! positions, and decoding attends bidirectionally inside a block.
 
 mod amx_bf16;
+mod bf16_round;
 mod cache;
 mod f32_rows;
 mod ggml_rounding;
@@ -18,6 +19,7 @@ mod precision;
 mod q8_matmul;
 mod row_tasks;
 pub(crate) mod source;
+mod swiglu;
 #[cfg(test)]
 mod test_support;
 
