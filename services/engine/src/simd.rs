@@ -142,6 +142,72 @@ pub(crate) fn exp(t: f32) -> f32 {
     e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
+/// Lanes of the reductions summed pairwise: one AVX2 register.
+pub(crate) const LANES8: usize = 8;
+
+/// `a · b` for rows of `D` values (a power of two, at least [`LANES8`]): the products, then
+/// halves added until [`LANES8`] are left, then those pairwise. Written so, the compiler keeps
+/// every step in full AVX2 registers (lane accumulators gave it 2-float loads and `simd::dot`'s
+/// sixteen lanes are summed one after another): paged attention over 150 cached tokens,
+/// 1.05 → 0.66 ms for 16 sequences × 8 tokens with the other changes of that commit.
+#[inline(always)]
+pub(crate) fn dot_fixed<const D: usize>(a: &[f32], b: &[f32]) -> f32 {
+    let (a, b) = (&a[..D], &b[..D]);
+    let mut t = [0f32; D];
+    for i in 0..D {
+        t[i] = a[i] * b[i];
+    }
+    let mut n = D;
+    while n > LANES8 {
+        n /= 2;
+        for i in 0..n {
+            t[i] += t[i + n];
+        }
+    }
+    pairwise_sum([t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]])
+}
+
+#[inline(always)]
+pub(crate) fn pairwise_sum(acc: [f32; LANES8]) -> f32 {
+    let half = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (half[0] + half[2]) + (half[1] + half[3])
+}
+
+/// Replaces each x by exp(x - max) (every x ≤ max) and returns their sum, in [`LANES8`]
+/// lanes then pairwise, so that the loop vectorises.
+#[inline(always)]
+pub(crate) fn exp_shifted(xs: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; LANES8];
+    let mut chunks = xs.chunks_exact_mut(LANES8);
+    for c in &mut chunks {
+        for l in 0..LANES8 {
+            c[l] = exp(c[l] - max);
+            acc[l] += c[l];
+        }
+    }
+    let mut tail = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        tail += *x;
+    }
+    pairwise_sum(acc) + tail
+}
+
+/// `a · b` for rows of any width: [`dot_fixed`] for the head widths of the models served.
+#[inline(always)]
+pub(crate) fn dot_row(a: &[f32], b: &[f32]) -> f32 {
+    match a.len() {
+        64 => dot_fixed::<64>(a, b),
+        128 => dot_fixed::<128>(a, b),
+        _ => dot(a, b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::exp;

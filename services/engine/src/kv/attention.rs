@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 use sdlm_kernels::{AttentionShape, KernelError, RaggedBatch};
 
-use crate::simd::{axpy, dispatch, dot, exp, wide_simd, Build};
+use crate::simd::{axpy, dispatch, dot, dot_fixed, exp_shifted, wide_simd, Build};
 
 /// `out[t, h] = softmax(scale · q[t, h] · K) V`, as the reference; f32 throughout.
 #[allow(clippy::too_many_arguments)]
@@ -136,7 +136,7 @@ impl<'a> Keys<'a> {
         {
             let kv = head / group;
             for (s, (k, _)) in scores.iter_mut().zip(self.rows(kv)) {
-                *s = scale * dot_lanes::<D>(q, k);
+                *s = scale * dot_fixed::<D>(q, k);
             }
             let sum = exp_in_place(scores);
             let mut o = [0f32; D];
@@ -183,59 +183,11 @@ impl<'a> Keys<'a> {
     }
 }
 
-/// Lanes of the attention's own reductions: one AVX2 register.
-const LANES: usize = 8;
-
-/// `a · b` for rows of `D` values (a power of two, at least [`LANES`]): the products, then
-/// halves added until [`LANES`] are left, then those pairwise. Written so, the compiler keeps
-/// every step in full AVX2 registers (lane accumulators gave it 2-float loads and `simd::dot`'s
-/// sixteen lanes are summed one after another).
-#[inline(always)]
-fn dot_lanes<const D: usize>(a: &[f32], b: &[f32]) -> f32 {
-    let (a, b) = (&a[..D], &b[..D]);
-    let mut t = [0f32; D];
-    for i in 0..D {
-        t[i] = a[i] * b[i];
-    }
-    let mut n = D;
-    while n > LANES {
-        n /= 2;
-        for i in 0..n {
-            t[i] += t[i + n];
-        }
-    }
-    pairwise_sum([t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]])
-}
-
-#[inline(always)]
-fn pairwise_sum(acc: [f32; LANES]) -> f32 {
-    let half = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    (half[0] + half[2]) + (half[1] + half[3])
-}
-
-/// Replaces each score s by exp(s - max) and returns their sum (in lanes, then pairwise).
+/// Replaces each score s by exp(s - max) and returns their sum.
 #[inline(always)]
 fn exp_in_place(scores: &mut [f32]) -> f32 {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut acc = [0f32; LANES];
-    let mut chunks = scores.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            c[l] = exp(c[l] - max);
-            acc[l] += c[l];
-        }
-    }
-    let mut tail = 0f32;
-    for s in chunks.into_remainder() {
-        *s = exp(*s - max);
-        tail += *s;
-    }
-    pairwise_sum(acc) + tail
+    exp_shifted(scores, max)
 }
 
 /// An iterator over the rows a query token sees (see [`Keys::rows`]). Its `next` is inlined
