@@ -98,3 +98,45 @@ fn truncated_gguf_names_the_file() {
     assert!(err.contains(path.to_str().unwrap()), "{err}");
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn q8_0_gguf_with_bf16_matmuls_stays_within_bf16_rounding_and_f32_restores_the_exact_path() {
+    if let Err(e) = sdlm_engine::MatmulPrecision::Bf16.check(&Device::Cpu) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let (mut model, _) = open_model(&fixture("gguf/qwen2-q8_0.gguf"), &Device::Cpu).unwrap();
+    let (ids, want) = expected("gguf/qwen2-q8_0.expected.safetensors");
+    let exact = logits(&model, &ids, MaskRule::Causal);
+    model
+        .set_matmul_precision(sdlm_engine::MatmulPrecision::Bf16)
+        .unwrap();
+    // Packed from the dequantized weights: against transformers on those weights (no
+    // activation rounding to Q8_0 now), off by bf16's rounding of weights and inputs, a few
+    // thousandths of the logits' size, not by a broken product's whole size.
+    let packed = logits(&model, &ids, MaskRule::Causal);
+    let scale = max_abs_diff(
+        &want["causal_logits"],
+        &want["causal_logits"].zeros_like().unwrap(),
+    );
+    let diff = max_abs_diff(&packed, &want["causal_logits"]);
+    eprintln!("qwen2 q8_0 gguf, bf16 matmuls: max |Δlogit| = {diff:e} of {scale:e}");
+    assert!(diff > 0.0 && diff <= 0.05 * scale, "{diff} of {scale}");
+    // A row alone over the cache gets the numbers it gets among all the rows.
+    let mut cache = KvCache::new();
+    for i in 0..4 {
+        let row = model
+            .forward_cached(&ids[i..i + 1], &mut cache, 1, true)
+            .unwrap();
+        assert_eq!(
+            row.to_vec2::<f32>().unwrap()[0],
+            packed.narrow(0, i, 1).unwrap().to_vec2::<f32>().unwrap()[0],
+            "token {i}"
+        );
+    }
+    model
+        .set_matmul_precision(sdlm_engine::MatmulPrecision::F32)
+        .unwrap();
+    let back = logits(&model, &ids, MaskRule::Causal);
+    assert_eq!(max_abs_diff(&back, &exact), 0.0);
+}

@@ -20,12 +20,13 @@ const INT8_ROWS: std::ops::RangeInclusive<usize> = 2..=64;
 /// quantized matmul), with an optional bias.
 pub(crate) enum Proj {
     Dense(Linear),
-    /// A dense weight also packed in bf16 AMX tiles (`--matmul-precision bf16`): inputs on the
-    /// CPU that carry no gradient take the tiles, whatever their number of rows, so that a row
-    /// gets the same numbers in a prefill, a block or a batch; others the f32 `Linear`.
+    /// A weight also packed in bf16 AMX tiles (`--matmul-precision bf16`; a quantized one
+    /// dequantized first): inputs on the CPU that carry no gradient take the tiles, whatever
+    /// their number of rows, so that a row gets the same numbers in a prefill, a block or a
+    /// batch; others the projection the tiles were made from, which `F32` restores.
     Bf16 {
-        linear: Linear,
         tiles: super::amx_bf16::Bf16Tiles,
+        from: Box<Proj>,
     },
     Quantized {
         weight: QMatMul,
@@ -39,6 +40,8 @@ pub(crate) enum Proj {
         rounding: ActivationRounding,
         bias: Option<Tensor>,
     },
+    /// Only while `set_precision` moves a projection into or out of `Bf16`.
+    Empty,
 }
 
 use super::ggml_rounding::ActivationRounding;
@@ -50,26 +53,43 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 const SLOW_DOT_FORMATS: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
 impl Proj {
-    /// Packs a dense weight for the bf16 matmul, or unpacks it for `F32`; quantized weights
-    /// keep their own paths.
+    /// Packs the weight for the bf16 matmul, or goes back to the projection it was packed
+    /// from for `F32`.
+    ///
+    /// A quantized weight is packed from its dequantized values: the step batcher's rows of a
+    /// GGUF model then take the AMX tiles instead of the 8-bit dot products, which on 2 cores
+    /// are bound by their instruction count (docs/benchmarks.md, Qwen2.5-Coder through the step
+    /// batcher).
     pub(crate) fn set_precision(&mut self, precision: super::MatmulPrecision) -> Result<()> {
-        match (&*self, precision) {
-            (Proj::Dense(linear), super::MatmulPrecision::Bf16) => {
-                let w = linear.weight().to_dtype(candle_core::DType::F32)?;
-                let (out, inp) = w.dims2()?;
-                let values = w.flatten_all()?.to_vec1::<f32>()?;
-                let tiles = super::amx_bf16::Bf16Tiles::pack(&values, out, inp);
-                *self = Proj::Bf16 {
-                    linear: linear.clone(),
-                    tiles,
-                };
+        let packing = matches!(precision, super::MatmulPrecision::Bf16);
+        let weight = match (&*self, packing) {
+            (Proj::Dense(linear), true) => linear.weight().to_dtype(candle_core::DType::F32)?,
+            (Proj::Quantized { qtensor, .. }, true) => {
+                qtensor.dequantize(&candle_core::Device::Cpu)?
             }
-            (Proj::Bf16 { linear, .. }, super::MatmulPrecision::F32) => {
-                *self = Proj::Dense(linear.clone());
+            (Proj::Bf16 { .. }, false) => {
+                if let Proj::Bf16 { from, .. } = std::mem::replace(self, Proj::Empty) {
+                    *self = *from;
+                }
+                return Ok(());
             }
-            _ => {}
-        }
+            _ => return Ok(()),
+        };
+        let (out, inp) = weight.dims2()?;
+        let values = weight.flatten_all()?.to_vec1::<f32>()?;
+        let tiles = super::amx_bf16::Bf16Tiles::pack(&values, out, inp);
+        let from = Box::new(std::mem::replace(self, Proj::Empty));
+        *self = Proj::Bf16 { tiles, from };
         Ok(())
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Proj::Dense(linear) => linear.bias(),
+            Proj::Quantized { bias, .. } => bias.as_ref(),
+            Proj::Bf16 { from, .. } => from.bias(),
+            Proj::Empty => None,
+        }
     }
 
     pub(crate) fn quantized(qtensor: QTensor, bias: Option<Tensor>) -> Result<Self> {
@@ -102,20 +122,21 @@ impl Module for Proj {
                 },
                 None => l.forward(x),
             },
-            Proj::Bf16 { linear, tiles } => {
+            Proj::Bf16 { tiles, from } => {
                 let takes_tiles = x.device().is_cpu()
                     && x.dtype() == candle_core::DType::F32
                     && !x.track_op()
                     && x.dim(candle_core::D::Minus1)? == tiles.inputs();
                 if !takes_tiles {
-                    return linear.forward(x);
+                    return from.forward(x);
                 }
                 let y = through_rows(x, tiles.outputs(), |v, rows| tiles.matmul(v, rows))?;
-                match linear.bias() {
+                match from.bias() {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
                 }
             }
+            Proj::Empty => candle_core::bail!("a projection used while its precision changed"),
             Proj::Quantized {
                 weight,
                 dense,
