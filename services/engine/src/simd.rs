@@ -148,8 +148,9 @@ pub(crate) const LANES8: usize = 8;
 /// `a · b` for rows of `D` values (a power of two, at least [`LANES8`]): the products, then
 /// halves added until [`LANES8`] are left, then those pairwise. Written so, the compiler keeps
 /// every step in full AVX2 registers (lane accumulators gave it 2-float loads and `simd::dot`'s
-/// sixteen lanes are summed one after another): paged attention over 150 cached tokens,
-/// 1.05 → 0.66 ms for 16 sequences × 8 tokens with the other changes of that commit.
+/// sixteen lanes are summed one after another); with it and the loops around it in the AVX2
+/// build, paged attention over 150 cached tokens went from 1.05 to 0.66 ms for 16 sequences ×
+/// 8 tokens (docs/benchmarks.md).
 #[inline(always)]
 pub(crate) fn dot_fixed<const D: usize>(a: &[f32], b: &[f32]) -> f32 {
     let (a, b) = (&a[..D], &b[..D]);
@@ -167,6 +168,7 @@ pub(crate) fn dot_fixed<const D: usize>(a: &[f32], b: &[f32]) -> f32 {
     pairwise_sum([t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]])
 }
 
+/// The lanes' sum, pairwise (three shuffle-and-add steps in the AVX2 build).
 #[inline(always)]
 pub(crate) fn pairwise_sum(acc: [f32; LANES8]) -> f32 {
     let half = [
