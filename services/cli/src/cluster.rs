@@ -67,8 +67,9 @@ pub struct WorkerTuning {
     /// Where the engine runs: cpu, cuda or cuda:N (cuda needs an sdlm built with --features cuda).
     #[arg(long, env = "SDLM_DEVICE", default_value = "cpu")]
     device: String,
-    /// Dense matmuls on the CPU: f32 (exact) or bf16 (inputs and weights rounded to bf16, f32
-    /// sums, on the AMX tiles of an Intel Xeon Sapphire Rapids or later).
+    /// Matmuls on the CPU: f32 (exact) or bf16 (inputs and weights rounded to bf16, f32 sums,
+    /// on the AMX tiles of an Intel Xeon Sapphire Rapids or later; a GGUF model's weights are
+    /// dequantized first).
     #[arg(long, env = "SDLM_MATMUL_PRECISION", default_value = "f32")]
     matmul_precision: sdlm_engine::MatmulPrecision,
     /// Bytes of KV cache (default: half of the available memory).
