@@ -192,8 +192,8 @@ fn exp_in_place(scores: &mut [f32]) -> f32 {
 
 /// An iterator over the rows a query token sees (see [`Keys::rows`]). Its `next` is inlined
 /// into the caller's loop, and so compiled with the caller's AVX2 features: the closure it
-/// replaces was a function of its own, compiled for the baseline CPU (SSE), and the dot
-/// products in it took most of an iteration's attention time.
+/// replaces was a function of its own, compiled for the baseline CPU (SSE, seen in the
+/// profile), so the dot products in it could not use the AVX2 build.
 struct Rows<'k, 'a> {
     keys: &'k Keys<'a>,
     kv: usize,
