@@ -18,7 +18,11 @@ pub(super) enum Ops {
 pub(super) fn rms_norm(norm: &RmsNorm, x: &Tensor, ops: Ops) -> Result<Tensor> {
     match ops {
         Ops::Fast => norm.forward(x),
-        Ops::Differentiable => norm.forward_diff(x),
+        Ops::Differentiable => {
+            super::rms_norm_grad::rms_norm_differentiable(x, norm.weight(), norm.eps(), || {
+                norm.forward_diff(x)
+            })
+        }
     }
 }
 

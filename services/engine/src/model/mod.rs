@@ -17,6 +17,7 @@ mod on_workers;
 mod paged;
 mod precision;
 mod q8_matmul;
+mod rms_norm_grad;
 mod row_tasks;
 pub(crate) mod source;
 mod swiglu;
