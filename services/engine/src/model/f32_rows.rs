@@ -13,6 +13,7 @@
 //! product with the same operations in the same order, so batched decoding gives each sequence
 //! the numbers it gets alone.
 
+use super::op_inputs::contiguous_f32;
 use super::row_tasks::by_weight_rows;
 #[cfg(target_arch = "x86_64")]
 use super::row_tasks::hsum;
@@ -83,12 +84,8 @@ impl CustomOp2 for RowsTimesWeights {
         if k != wk {
             candle_core::bail!("f32 rows: x has {k} columns, w {wk}");
         }
-        let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("f32 rows: x and w must be contiguous");
-        };
-        let x = &xs.as_slice::<f32>()?[xa..xb];
-        let w = &ws.as_slice::<f32>()?[wa..wb];
+        let x = contiguous_f32("f32 rows", xs, xl)?;
+        let w = contiguous_f32("f32 rows", ws, wl)?;
         Ok((CpuStorage::F32(product(x, m, w, n, k)), Shape::from((m, n))))
     }
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::op_inputs::{contiguous_f32, host_values};
 use crate::simd::{axpy, dispatch, dot_row, exp_shifted, wide_simd, Build};
 
 /// The mask as the op needs it: the additive values, and per query row the spans of keys whose
@@ -149,16 +150,6 @@ impl MaskedAttention {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => Err(candle_core::Error::Msg(
-            "masked attention: inputs must be contiguous".into(),
-        )),
-    }
-}
-
 impl CustomOp3 for MaskedAttention {
     fn name(&self) -> &'static str {
         "masked-attention"
@@ -174,6 +165,7 @@ impl CustomOp3 for MaskedAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1.dims(), l2.dims(), l3.dims())?;
+        let slice = |s, l| contiguous_f32("masked attention", s, l);
         let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let out = self.outputs(dims, (q, k, v), wide_simd());
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -188,7 +180,7 @@ impl CustomOp3 for MaskedAttention {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.dims(q.dims(), k.dims(), v.dims())?;
-        let flat = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let flat = host_values;
         let (qs, ks, vs, os, dos) = (flat(q)?, flat(k)?, flat(v)?, flat(out)?, flat(grad_out)?);
         let (dq, dk, dv) = self.gradients(dims, (&qs, &ks, &vs), &os, &dos);
         let device = q.device();

@@ -14,6 +14,7 @@ mod layers;
 mod logit_rows;
 mod masked_attention;
 mod on_workers;
+mod op_inputs;
 mod paged;
 mod precision;
 mod q8_matmul;

@@ -13,6 +13,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::op_inputs::{contiguous_f32, host_values};
+
 /// Values per task (whole rows).
 const PER_TASK: usize = 1 << 14;
 
@@ -60,15 +62,12 @@ impl CustomOp2 for RmsNormGrad {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("rms norm: x and w must be contiguous");
-        };
-        let (x, w) = (
-            &xs.as_slice::<f32>()?[xa..xb],
-            &ws.as_slice::<f32>()?[wa..wb],
-        );
+        let x = contiguous_f32("rms norm", xs, xl)?;
+        let w = contiguous_f32("rms norm", ws, wl)?;
         let n = w.len();
+        if n == 0 || x.len() % n != 0 {
+            candle_core::bail!("rms norm: x of {} values for a weight of {n}", x.len());
+        }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n * Self::rows_per_task(n))
             .zip(x.par_chunks(n * Self::rows_per_task(n)))
@@ -90,8 +89,7 @@ impl CustomOp2 for RmsNormGrad {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let flat = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (xv, wv, dy) = (flat(x)?, flat(w)?, flat(grad)?);
+        let (xv, wv, dy) = (host_values(x)?, host_values(w)?, host_values(grad)?);
         let n = wv.len();
         if dy.len() != xv.len() || n == 0 || xv.len() % n != 0 {
             candle_core::bail!(

@@ -13,6 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::op_inputs::{contiguous_f32, host_values};
 use crate::simd::{dispatch, exp, wide_simd, Build};
 
 /// Elements per task when the work is split across threads.
@@ -42,12 +43,8 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((ga, gb)), Some((ua, ub))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
-        else {
-            candle_core::bail!("swiglu: gate and up must be contiguous");
-        };
-        let gate = &gs.as_slice::<f32>()?[ga..gb];
-        let up = &us.as_slice::<f32>()?[ua..ub];
+        let gate = contiguous_f32("swiglu", gs, gl)?;
+        let up = contiguous_f32("swiglu", us, ul)?;
         if gate.len() != up.len() {
             candle_core::bail!("swiglu: gate has {} values, up {}", gate.len(), up.len());
         }
@@ -73,8 +70,7 @@ impl CustomOp2 for SwiGlu {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let flat = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (g, u, dy) = (flat(gate)?, flat(up)?, flat(grad)?);
+        let (g, u, dy) = (host_values(gate)?, host_values(up)?, host_values(grad)?);
         if g.len() != dy.len() {
             candle_core::bail!("swiglu: gradient of {} values for {}", dy.len(), g.len());
         }
