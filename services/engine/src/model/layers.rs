@@ -203,13 +203,15 @@ impl Attention {
         let v = self.split_heads(self.v_proj.forward(x)?, self.kv_heads, None, ops)?;
         // GGUF's llama layout permutes q/k rows so that RoPE rotates adjacent pairs.
         use candle_nn::rotary_emb::{rope, rope_i, rope_i_slow, rope_slow};
-        let rotate = match (self.rope_interleaved, ops) {
-            (true, Ops::Fast) => rope_i,
-            (false, Ops::Fast) => rope,
-            (true, Ops::Differentiable) => rope_i_slow,
-            (false, Ops::Differentiable) => rope_slow,
+        let rotate = |x: &Tensor| match (self.rope_interleaved, ops) {
+            (true, Ops::Fast) => rope_i(x, cos, sin),
+            (false, Ops::Fast) => rope(x, cos, sin),
+            (true, Ops::Differentiable) => rope_i_slow(x, cos, sin),
+            (false, Ops::Differentiable) => {
+                super::rope_grad::rope_differentiable(x, cos, sin, || rope_slow(x, cos, sin))
+            }
         };
-        Ok((rotate(&q, cos, sin)?, rotate(&k, cos, sin)?, v))
+        Ok((rotate(&q)?, rotate(&k)?, v))
     }
 
     /// Attention of the new tokens `x` over `past` keys/values (if any) and their own. Returns

@@ -19,6 +19,7 @@ mod paged;
 mod precision;
 mod q8_matmul;
 mod rms_norm_grad;
+mod rope_grad;
 mod row_tasks;
 pub(crate) mod source;
 mod swiglu;
