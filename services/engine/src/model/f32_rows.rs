@@ -13,7 +13,7 @@
 //! product with the same operations in the same order, so batched decoding gives each sequence
 //! the numbers it gets alone.
 
-use super::op_inputs::contiguous_f32;
+use super::op_inputs::{contiguous_f32, f32_cpu};
 use super::row_tasks::by_weight_rows;
 #[cfg(target_arch = "x86_64")]
 use super::row_tasks::hsum;
@@ -36,7 +36,6 @@ const PARALLEL_FROM: usize = 1 << 18;
 /// `x` has at most [`MAX_ROWS`] rows and no gradient can flow through either (the op has no
 /// backward pass; training keeps candle's); `None` when it does not apply.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     let Ok((_, inp)) = w.dims2() else {
         return Ok(None);
     };

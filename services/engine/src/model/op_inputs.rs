@@ -1,7 +1,13 @@
-//! What the engine's custom candle ops share to reach their inputs: an f32 CPU storage as the
-//! contiguous slice its layout covers (forward), and a tensor's values on the host (backward).
+//! What the engine's custom candle ops share to reach their inputs: whether a tensor is one
+//! they take (f32 on the CPU), an f32 CPU storage as the contiguous slice its layout covers
+//! (forward), and a tensor's values on the host (backward).
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+/// Whether `t` is f32 on the CPU, what the engine's CPU ops take.
+pub(crate) fn f32_cpu(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
 
 /// The values of `storage` that `layout` covers; an error naming `op` unless contiguous f32.
 pub(crate) fn contiguous_f32<'a>(

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::op_inputs::{contiguous_f32, host_values};
+use super::op_inputs::{contiguous_f32, f32_cpu, host_values};
 
 /// Values per task (whole rows).
 const PER_TASK: usize = 1 << 14;
@@ -26,7 +26,6 @@ pub(crate) fn rms_norm_differentiable(
     eps: f64,
     fallback: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if !(f32_cpu(x) && f32_cpu(w)) || w.rank() != 1 || x.dim(candle_core::D::Minus1)? != w.dim(0)? {
         return fallback();
     }

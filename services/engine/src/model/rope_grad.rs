@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::op_inputs::{contiguous_f32, host_values};
+use super::op_inputs::{contiguous_f32, f32_cpu, host_values};
 
 /// `x [b, heads, t, d]` turned by `cos`, `sin` `[t, d / 2]`: this op for f32 on the CPU, else
 /// `fallback` (candle's composed form).
@@ -20,7 +20,6 @@ pub(crate) fn rope_differentiable(
     sin: &Tensor,
     fallback: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     let fits = match (x.dims(), cos.dims(), sin.dims()) {
         (&[_, _, t, d], &[ct, half], &[st, sh]) => {
             d % 2 == 0 && half == d / 2 && sh == half && ct == t && st == t

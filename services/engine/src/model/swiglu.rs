@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::op_inputs::{contiguous_f32, host_values};
+use super::op_inputs::{contiguous_f32, f32_cpu, host_values};
 use crate::simd::{dispatch, exp, wide_simd, Build};
 
 /// Elements per task when the work is split across threads.
@@ -22,7 +22,6 @@ const PER_TASK: usize = 1 << 14;
 /// `silu(gate) · up`, elementwise: the fused pass for f32 tensors on the CPU (differentiable:
 /// its backward is one pass too), candle's ops otherwise.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if !(f32_cpu(gate) && f32_cpu(up)) || gate.shape() != up.shape() {
         return candle_nn::ops::silu(gate)? * up;
     }
