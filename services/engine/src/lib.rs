@@ -23,7 +23,9 @@ pub use cuda_ops::{free_device_memory, greedy_choices_on_device};
 pub use device::device_named;
 pub use error::{EngineError, Result};
 pub use mask::{twin_mask, MaskRule};
-pub use model::{KvCache, LogitRows, MatmulPrecision, Model, PagedSeq, SequenceCache};
+pub use model::{
+    ForwardFuture, KvCache, LogitRows, MatmulPrecision, Model, PagedSeq, SequenceCache,
+};
 pub use perplexity::{score_tokens, Score, TokenScore};
 pub use tokenizer::load_tokenizer;
 pub use weights::{load_model, open_model, safetensors_files};

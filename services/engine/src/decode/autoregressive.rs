@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use super::{
     prefill, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Row, RowReader, Sampler,
+    StepFuture,
 };
 use crate::error::Result;
 use crate::model::{LogitRows, Model, SequenceCache};
@@ -23,7 +24,7 @@ pub struct AutoregressiveDecoder<'m> {
 
 impl<'m> AutoregressiveDecoder<'m> {
     /// Prefills the prompt (one causal forward into `cache`, which starts empty).
-    pub fn new_in(
+    pub async fn new_in(
         model: &'m Model,
         prompt: &[u32],
         params: &DecodingParams,
@@ -31,7 +32,7 @@ impl<'m> AutoregressiveDecoder<'m> {
     ) -> Result<Self> {
         let banned = model.config().diffusion.mask_token_id;
         let reader = RowReader::new(model.device().is_cuda(), params, banned);
-        let (last_logits, stats) = prefill(model, prompt, cache.as_mut(), &reader)?;
+        let (last_logits, stats) = prefill(model, prompt, cache.as_mut(), &reader).await?;
         Ok(Self {
             model,
             cache,
@@ -50,7 +51,7 @@ impl<'m> AutoregressiveDecoder<'m> {
 
     /// Continues after `committed` completion tokens: prompt and committed tokens are one causal
     /// prefix, exactly what the token-by-token run cached (into `cache`, which starts empty).
-    pub fn resume_in(
+    pub async fn resume_in(
         model: &'m Model,
         prompt: &[u32],
         committed: &[u32],
@@ -58,14 +59,14 @@ impl<'m> AutoregressiveDecoder<'m> {
         cache: Box<dyn SequenceCache + 'm>,
     ) -> Result<Self> {
         let sequence: Vec<u32> = prompt.iter().chain(committed).copied().collect();
-        let mut decoder = Self::new_in(model, &sequence, params, cache)?;
+        let mut decoder = Self::new_in(model, &sequence, params, cache).await?;
         decoder.progress.completion = committed.to_vec();
         Ok(decoder)
     }
 }
 
-impl Decoder for AutoregressiveDecoder<'_> {
-    fn step(&mut self) -> Result<Vec<u32>> {
+impl AutoregressiveDecoder<'_> {
+    async fn advance(&mut self) -> Result<Vec<u32>> {
         if self.progress.finish.is_some() {
             return Ok(Vec::new());
         }
@@ -82,12 +83,19 @@ impl Decoder for AutoregressiveDecoder<'_> {
         } else {
             let logits = self
                 .cache
-                .forward(self.model, &[token], 1, 1, LogitRows::All)?;
+                .forward(self.model, &[token], 1, 1, LogitRows::All)
+                .await?;
             self.progress.stats.commit_forwards += 1;
             self.last_logits = self.reader.read_last(&logits)?;
         }
         self.progress.stats.decode_seconds += start.elapsed().as_secs_f64();
         Ok(vec![token])
+    }
+}
+
+impl Decoder for AutoregressiveDecoder<'_> {
+    fn step_async(&mut self) -> StepFuture<'_, Vec<u32>> {
+        Box::pin(self.advance())
     }
 
     fn progress(&self) -> &Progress {

@@ -12,7 +12,7 @@ use sdlm_kernels::reference::select_unmask;
 
 use super::{
     prefill, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Row, RowReader,
-    Sampler,
+    Sampler, StepFuture,
 };
 use crate::error::{EngineError, Result};
 use crate::model::{LogitRows, Model, SequenceCache};
@@ -40,7 +40,7 @@ pub struct DiffusionDecoder<'m> {
 
 impl<'m> DiffusionDecoder<'m> {
     /// Prefills the prompt as one causal prefix, into `cache` (which starts empty).
-    pub fn new_in(
+    pub async fn new_in(
         model: &'m Model,
         prompt: &[u32],
         params: &DecodingParams,
@@ -51,7 +51,7 @@ impl<'m> DiffusionDecoder<'m> {
             EngineError::Input("diffusion decoding needs the model's mask_token_id".into())
         })?;
         let reader = RowReader::new(model.device().is_cuda(), params, Some(mask_id));
-        let (last_logits, stats) = prefill(model, prompt, cache.as_mut(), &reader)?;
+        let (last_logits, stats) = prefill(model, prompt, cache.as_mut(), &reader).await?;
         Ok(Self {
             model,
             params: params.clone(),
@@ -79,25 +79,28 @@ impl<'m> DiffusionDecoder<'m> {
     /// committed blocks before the last are written into the cache by one forward, each its own
     /// query block; the last one is left pending, as the first run leaves a finished block, so
     /// the next block's first forward commits it. `cache` starts empty.
-    pub fn resume_in(
+    pub async fn resume_in(
         model: &'m Model,
         prompt: &[u32],
         committed: &[u32],
         params: &DecodingParams,
         cache: Box<dyn SequenceCache + 'm>,
     ) -> Result<Self> {
-        let mut decoder = Self::new_in(model, prompt, params, cache)?;
+        let mut decoder = Self::new_in(model, prompt, params, cache).await?;
         let block = params.block_size;
         let last_start = committed.len().saturating_sub(1) / block * block;
         if last_start > 0 {
             let start = Instant::now();
-            decoder.cache.forward(
-                model,
-                &committed[..last_start],
-                block,
-                last_start,
-                LogitRows::None,
-            )?;
+            decoder
+                .cache
+                .forward(
+                    model,
+                    &committed[..last_start],
+                    block,
+                    last_start,
+                    LogitRows::None,
+                )
+                .await?;
             decoder.progress.stats.prefill_forwards += 1;
             decoder.progress.stats.prefill_seconds += start.elapsed().as_secs_f64();
         }
@@ -119,13 +122,13 @@ impl<'m> DiffusionDecoder<'m> {
     }
 
     /// The logits row that predicts each block position.
-    fn predictions(&mut self) -> Result<Vec<Row>> {
+    async fn predictions(&mut self) -> Result<Vec<Row>> {
         let len = self.block.len();
         if self.shift && self.pending.is_empty() && len == 1 {
             // Block position 0 is predicted by the last committed position: no forward needed.
             return Ok(vec![self.last_logits.clone()]);
         }
-        let logits = self.forward_block()?;
+        let logits = self.forward_block().await?;
         if self.masked_rows_only() {
             // Rows came for the masked positions only, in order; the others are never read.
             let got = self.reader.read(&logits)?;
@@ -166,20 +169,21 @@ impl<'m> DiffusionDecoder<'m> {
     /// One forward of the open block over the cache, with the pending finished block (if any)
     /// ahead of it and committed by the same forward. Returns the open block's logits: every
     /// row, or the masked positions' rows only when that is all a step reads.
-    fn forward_block(&mut self) -> Result<candle_core::Tensor> {
+    async fn forward_block(&mut self) -> Result<candle_core::Tensor> {
         let len = self.block.len();
         self.progress.stats.denoise_forwards += 1;
         let pending = std::mem::take(&mut self.pending);
-        let open_rows = |first: usize| match self.masked_rows_only() {
-            true => LogitRows::Masked {
-                first,
-                mask_id: self.mask_id,
-            },
+        let (masked_only, mask_id) = (self.masked_rows_only(), self.mask_id);
+        let open_rows = |first: usize| match masked_only {
+            true => LogitRows::Masked { first, mask_id },
             false => LogitRows::From(first),
         };
         if pending.is_empty() {
             let wanted = open_rows(0);
-            return self.cache.forward(self.model, &self.block, len, 0, wanted);
+            return self
+                .cache
+                .forward(self.model, &self.block, len, 0, wanted)
+                .await;
         }
         // The finished block is query block 0 and the open one block 1: only the final block of
         // a generation is shorter than the one before it, so the open block never spills over.
@@ -191,7 +195,10 @@ impl<'m> DiffusionDecoder<'m> {
         tokens.extend_from_slice(&self.block);
         let first = if self.shift { p - 1 } else { p };
         let wanted = open_rows(first);
-        let logits = self.cache.forward(self.model, &tokens, p, p, wanted)?;
+        let logits = self
+            .cache
+            .forward(self.model, &tokens, p, p, wanted)
+            .await?;
         if self.shift {
             self.last_logits = self.reader.read_last(&logits.narrow(0, 0, 1)?)?;
             return Ok(logits.narrow(0, 1, len)?);
@@ -200,8 +207,8 @@ impl<'m> DiffusionDecoder<'m> {
     }
 
     /// One denoising step over the open block.
-    fn denoise(&mut self) -> Result<()> {
-        let preds = self.predictions()?;
+    async fn denoise(&mut self) -> Result<()> {
+        let preds = self.predictions().await?;
         let len = self.block.len();
         let was_masked = self.masked.clone();
         let mut picks = vec![(self.mask_id, 0f32); len];
@@ -281,8 +288,9 @@ impl<'m> DiffusionDecoder<'m> {
     }
 }
 
-impl Decoder for DiffusionDecoder<'_> {
-    fn step(&mut self) -> Result<Vec<u32>> {
+impl DiffusionDecoder<'_> {
+    /// One step: a denoising forward, and the block's commit when it has no mask left.
+    async fn advance(&mut self) -> Result<Vec<u32>> {
         if self.progress.finish.is_some() {
             return Ok(Vec::new());
         }
@@ -290,7 +298,7 @@ impl Decoder for DiffusionDecoder<'_> {
         if self.block.is_empty() {
             self.open_block();
         }
-        self.denoise()?;
+        self.denoise().await?;
         let committed = if self.masked.iter().any(|&m| m) {
             Vec::new()
         } else {
@@ -298,6 +306,12 @@ impl Decoder for DiffusionDecoder<'_> {
         };
         self.progress.stats.decode_seconds += start.elapsed().as_secs_f64();
         Ok(committed)
+    }
+}
+
+impl Decoder for DiffusionDecoder<'_> {
+    fn step_async(&mut self) -> StepFuture<'_, Vec<u32>> {
+        Box::pin(self.advance())
     }
 
     fn progress(&self) -> &Progress {

@@ -6,6 +6,7 @@
 mod autoregressive;
 mod batcher;
 mod diffusion;
+mod futures;
 mod greedy;
 mod params;
 mod rows;
@@ -14,6 +15,7 @@ mod sampling;
 pub use autoregressive::AutoregressiveDecoder;
 pub use batcher::{SeqId, StepBatcher, StepOutput, DEFAULT_MAX_BATCH_TOKENS};
 pub use diffusion::DiffusionDecoder;
+pub use futures::{now, StepFuture};
 pub use params::{DecodingParams, Mode, ModelLimits, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use sampling::{softmax, Pick, Sampler};
 
@@ -77,7 +79,12 @@ pub struct Progress {
 pub trait Decoder: Send {
     /// Advances the sequence by one step; returns the tokens this step committed (often none
     /// for diffusion until a block completes). Does nothing once finished.
-    fn step(&mut self) -> Result<Vec<u32>>;
+    fn step(&mut self) -> Result<Vec<u32>> {
+        now(self.step_async())
+    }
+    /// [`Decoder::step`] as a future that awaits its forward: under the step batcher the
+    /// forward waits for the other sequences' to run with them.
+    fn step_async(&mut self) -> StepFuture<'_, Vec<u32>>;
     fn progress(&self) -> &Progress;
     fn progress_mut(&mut self) -> &mut Progress;
 
@@ -104,7 +111,13 @@ pub fn decoder_for<'m>(
     prompt: &[u32],
     params: &DecodingParams,
 ) -> Result<Box<dyn Decoder + 'm>> {
-    decoder_resuming_in(model, prompt, &[], params, Box::new(KvCache::new()))
+    now(decoder_resuming_in(
+        model,
+        prompt,
+        &[],
+        params,
+        Box::new(KvCache::new()),
+    ))
 }
 
 /// The decoder of a sequence that has already committed `committed` tokens (on a worker that
@@ -120,12 +133,18 @@ pub fn decoder_resuming<'m>(
     committed: &[u32],
     params: &DecodingParams,
 ) -> Result<Box<dyn Decoder + 'm>> {
-    decoder_resuming_in(model, prompt, committed, params, Box::new(KvCache::new()))
+    now(decoder_resuming_in(
+        model,
+        prompt,
+        committed,
+        params,
+        Box::new(KvCache::new()),
+    ))
 }
 
 /// [`decoder_resuming`] (nothing committed: [`decoder_for`]) over the given empty cache: a step
-/// batcher hands each decoder a cache whose forwards it batches.
-pub fn decoder_resuming_in<'m>(
+/// batcher hands each decoder a cache whose forwards it batches, and awaits the start.
+pub async fn decoder_resuming_in<'m>(
     model: &'m Model,
     prompt: &[u32],
     committed: &[u32],
@@ -144,21 +163,19 @@ pub fn decoder_resuming_in<'m>(
     }
     let shift = model.config().diffusion.logits_shift.unwrap_or(true);
     Ok(match params.mode {
-        Mode::Autoregressive if shift => Box::new(AutoregressiveDecoder::resume_in(
-            model, prompt, committed, params, cache,
-        )?),
+        Mode::Autoregressive if shift => Box::new(
+            AutoregressiveDecoder::resume_in(model, prompt, committed, params, cache).await?,
+        ),
         Mode::Autoregressive => {
             let p = DecodingParams {
                 block_size: 1,
                 ..params.clone()
             };
-            Box::new(DiffusionDecoder::resume_in(
-                model, prompt, committed, &p, cache,
-            )?)
+            Box::new(DiffusionDecoder::resume_in(model, prompt, committed, &p, cache).await?)
         }
-        Mode::Diffusion => Box::new(DiffusionDecoder::resume_in(
-            model, prompt, committed, params, cache,
-        )?),
+        Mode::Diffusion => {
+            Box::new(DiffusionDecoder::resume_in(model, prompt, committed, params, cache).await?)
+        }
     })
 }
 
@@ -183,7 +200,7 @@ pub(crate) fn stop_ids(model: &Model, params: &DecodingParams) -> Vec<u32> {
 /// Runs the prompt as one causal prefix into the cache (after the part it already holds);
 /// returns the logits of the prompt's last position (what an AR step or a shifted block reads
 /// first), and the counters.
-pub(crate) fn prefill(
+pub(crate) async fn prefill(
     model: &Model,
     prompt: &[u32],
     cache: &mut dyn SequenceCache,
@@ -199,7 +216,7 @@ pub(crate) fn prefill(
             prompt.len().saturating_sub(1)
         )));
     }
-    let logits = cache.prefill(model, &prompt[held..])?;
+    let logits = cache.prefill(model, &prompt[held..]).await?;
     let last_logits = reader.read_last(&logits)?;
     let stats = DecodeStats {
         prefill_forwards: 1,

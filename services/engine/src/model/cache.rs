@@ -2,6 +2,9 @@
 //! committed tokens enter it (a block being denoised is recomputed each step and written once,
 //! at commit). The paged cache of the worker replaces it under batching.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use candle_core::Tensor;
 
 #[derive(Default)]
@@ -34,6 +37,11 @@ impl KvCache {
     }
 }
 
+/// A forward's logits, as a future: ready at once from a dense cache; under the step batcher it
+/// waits until the batcher has run the forwards of every stepping sequence together.
+pub type ForwardFuture<'a> =
+    Pin<Box<dyn Future<Output = crate::error::Result<Tensor>> + Send + 'a>>;
+
 /// Where a decoder's forwards run: its own dense cache (one sequence at a time), or a step
 /// batcher that runs the forwards of many sequences as one over the paged cache.
 pub trait SequenceCache: Send {
@@ -47,31 +55,33 @@ pub trait SequenceCache: Send {
     /// Logits for the next n tokens of the sequence (at positions after the committed ones,
     /// seeing all of them, and each other by the query-block rule), `[rows, vocab]` for the rows
     /// `logits` names; the first `commit` of the tokens join the cache.
-    fn forward(
-        &mut self,
-        model: &super::Model,
-        tokens: &[u32],
+    fn forward<'a>(
+        &'a mut self,
+        model: &'a super::Model,
+        tokens: &'a [u32],
         query_block: usize,
         commit: usize,
         logits: super::LogitRows,
-    ) -> crate::error::Result<Tensor>;
+    ) -> ForwardFuture<'a>;
 
     /// A prefill: `tokens` run causally and all join the cache; only the last one's logits
     /// (`[1, vocab]`) come back, which lets a cache skip the LM head for the others.
-    fn prefill(&mut self, model: &super::Model, tokens: &[u32]) -> crate::error::Result<Tensor> {
+    fn prefill<'a>(&'a mut self, model: &'a super::Model, tokens: &'a [u32]) -> ForwardFuture<'a> {
         self.forward(model, tokens, 1, tokens.len(), super::LogitRows::Last)
     }
 }
 
 impl SequenceCache for KvCache {
-    fn forward(
-        &mut self,
-        model: &super::Model,
-        tokens: &[u32],
+    fn forward<'a>(
+        &'a mut self,
+        model: &'a super::Model,
+        tokens: &'a [u32],
         query_block: usize,
         commit: usize,
         logits: super::LogitRows,
-    ) -> crate::error::Result<Tensor> {
-        model.forward_cached_rows(tokens, self, query_block, commit, logits)
+    ) -> ForwardFuture<'a> {
+        // The forward runs now; the future only hands its result over.
+        let result = model.forward_cached_rows(tokens, self, query_block, commit, logits);
+        Box::pin(std::future::ready(result))
     }
 }

@@ -34,7 +34,7 @@ use crate::error::{EngineError, Result};
 use layers::{DecoderLayer, Ops, Rotary};
 use source::{Proj, Safetensors, WeightSource};
 
-pub use cache::{KvCache, SequenceCache};
+pub use cache::{ForwardFuture, KvCache, SequenceCache};
 pub use logit_rows::LogitRows;
 pub use paged::PagedSeq;
 pub use precision::MatmulPrecision;

@@ -1,15 +1,48 @@
 //! How decoders' forwards reach the step batcher: each decoder's cache under the batcher
-//! ([`PagedCache`]) sends its forward as a request and waits; the batcher gathers the requests of
-//! one round and runs them as one ragged paged forward.
+//! ([`PagedCache`]) leaves its forward with the batcher and awaits the answer; the batcher polls
+//! every stepping sequence, gathers the forwards of one round and runs them as one ragged paged
+//! forward ([`drive`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use candle_core::Tensor;
 
 use crate::error::{EngineError, Result};
 use crate::kv::{BlockTable, KvStorage, PageId, PagePool, TableView};
-use crate::model::{LogitRows, Model, PagedSeq, SequenceCache};
+use crate::model::{ForwardFuture, LogitRows, Model, PagedSeq, SequenceCache};
+
+/// Where the batcher leaves a forward's logits for the sequence that asked.
+#[derive(Default)]
+pub(super) struct Answer(Mutex<Option<Result<Tensor>>>);
+
+impl Answer {
+    fn give(&self, logits: Result<Tensor>) {
+        *lock(&self.0) = Some(logits);
+    }
+
+    /// The logits, once the batcher has run the forward.
+    pub fn take(&self) -> Option<Result<Tensor>> {
+        lock(&self.0).take()
+    }
+}
+
+/// Awaits an [`Answer`]: pending until the batcher's round has run.
+struct Answered(Arc<Answer>);
+
+impl Future for Answered {
+    type Output = Result<Tensor>;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.0.take() {
+            Some(logits) => Poll::Ready(logits),
+            None => Poll::Pending,
+        }
+    }
+}
 
 /// A forward a decoder (or the batcher itself, for a prompt chunk) asked for.
 pub(super) struct ForwardRequest {
@@ -18,10 +51,10 @@ pub(super) struct ForwardRequest {
     pub commit: usize,
     pub context: usize,
     pub logits: LogitRows,
-    /// The sequence's pages and the tokens they hold (a copy: no pool lock on the way).
+    /// The sequence's pages and the tokens they hold (a copy, taken when it asked).
     pub pages: Vec<PageId>,
     pub held: usize,
-    pub reply: mpsc::Sender<Result<Tensor>>,
+    pub answer: Arc<Answer>,
 }
 
 impl ForwardRequest {
@@ -33,9 +66,8 @@ impl ForwardRequest {
         query_block: usize,
         commit: usize,
         logits: LogitRows,
-    ) -> (Self, mpsc::Receiver<Result<Tensor>>) {
-        let (reply, answer) = mpsc::channel();
-        let request = Self {
+    ) -> Self {
+        Self {
             tokens: tokens.to_vec(),
             query_block,
             commit,
@@ -43,9 +75,8 @@ impl ForwardRequest {
             logits,
             pages: table.page_ids().to_vec(),
             held: table.len(),
-            reply,
-        };
-        (request, answer)
+            answer: Arc::default(),
+        }
     }
 
     fn seq(&self) -> PagedSeq<'_> {
@@ -63,33 +94,38 @@ impl ForwardRequest {
     }
 }
 
-pub(super) enum Message {
-    Forward(ForwardRequest),
-    /// A sequence's step ended (sent on every exit, panics included).
-    Done,
-}
-
-/// Sends `Done` when a sequence's step ends, however it ends.
-pub(super) struct DoneOnDrop(pub mpsc::Sender<Message>);
-
-impl Drop for DoneOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.send(Message::Done);
-    }
-}
-
-/// What decoders' caches share with the batcher: the pages' K/V, and whether the one sequence
-/// stepping runs its forward itself (no other forward to batch it with, so no thread and no
-/// hand-off: a lone stream pays nothing for batching).
+/// What decoders' caches share with the batcher: the pages' K/V, and the forwards asked for
+/// since the last round.
 pub(super) struct Shared {
     pub storage: Mutex<KvStorage>,
-    pub solo: AtomicBool,
+    asked: Mutex<Vec<ForwardRequest>>,
 }
 
 impl Shared {
-    pub fn storage(&self) -> std::sync::MutexGuard<'_, KvStorage> {
-        self.storage.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn new(storage: KvStorage) -> Self {
+        Self {
+            storage: Mutex::new(storage),
+            asked: Mutex::default(),
+        }
     }
+
+    pub fn storage(&self) -> MutexGuard<'_, KvStorage> {
+        lock(&self.storage)
+    }
+
+    fn ask(&self, request: ForwardRequest) {
+        lock(&self.asked).push(request);
+    }
+
+    fn take_asked(&self) -> Vec<ForwardRequest> {
+        std::mem::take(&mut *lock(&self.asked))
+    }
+}
+
+/// A lock whose holder cannot have left its data half-written (a push, a take, a forward that
+/// failed as a whole), so a poisoned one is used as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A decoder's cache under the batcher: its block table, and the way to the batcher.
@@ -99,13 +135,11 @@ pub(super) struct PagedCache {
     pub context: usize,
     pub pool: PagePool,
     pub shared: Arc<Shared>,
-    pub batcher: mpsc::Sender<Message>,
 }
 
 impl PagedCache {
-    fn run(
+    async fn run(
         &mut self,
-        model: &Model,
         tokens: &[u32],
         query_block: usize,
         commit: usize,
@@ -115,34 +149,20 @@ impl PagedCache {
             EngineError::Input(format!("commit {commit} of {} tokens", tokens.len()))
         })?;
         self.table.commit(&self.pool, committing)?;
-        let answer = if self.shared.solo.load(Ordering::SeqCst) {
-            let seq = PagedSeq {
-                tokens,
-                table: self.table.view(),
-                context: self.context,
-                query_block,
-                commit,
-                logits,
-            };
-            model.forward_paged(&[seq], &mut self.shared.storage())?
-        } else {
-            let (request, answer) = ForwardRequest::new(
-                &self.table,
-                self.context,
-                tokens,
-                query_block,
-                commit,
-                logits,
-            );
-            let stopped = || EngineError::Input("the step batcher stopped".into());
-            self.batcher
-                .send(Message::Forward(request))
-                .map_err(|_| stopped())?;
-            answer.recv().map_err(|_| stopped())??
-        };
+        let request = ForwardRequest::new(
+            &self.table,
+            self.context,
+            tokens,
+            query_block,
+            commit,
+            logits,
+        );
+        let answer = Answered(Arc::clone(&request.answer));
+        self.shared.ask(request);
+        let logits = answer.await?;
         self.context += commit;
         self.table.publish(&self.pool, self.context);
-        Ok(answer)
+        Ok(logits)
     }
 }
 
@@ -151,50 +171,62 @@ impl SequenceCache for PagedCache {
         self.context
     }
 
-    fn forward(
-        &mut self,
-        model: &Model,
-        tokens: &[u32],
+    fn forward<'a>(
+        &'a mut self,
+        _model: &'a Model,
+        tokens: &'a [u32],
         query_block: usize,
         commit: usize,
         logits: LogitRows,
-    ) -> Result<Tensor> {
-        self.run(model, tokens, query_block, commit, logits)
-    }
-
-    fn prefill(&mut self, model: &Model, tokens: &[u32]) -> Result<Tensor> {
-        self.run(model, tokens, 1, tokens.len(), LogitRows::Last)
+    ) -> ForwardFuture<'a> {
+        Box::pin(self.run(tokens, query_block, commit, logits))
     }
 }
 
-/// Runs the forwards of one iteration in rounds: the first round has the batcher's own
-/// requests (prompt chunks) and the first forward of every stepping sequence; a round runs
-/// once every sequence still stepping waits for its forward.
-pub(super) fn serve_forwards(
-    model: &Model,
+/// A stepping sequence's work for one iteration, as the batcher polls it.
+pub(super) type Stepping<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Runs the stepping sequences to the end of their iteration, their forwards batched in rounds:
+/// every sequence is polled until it waits for a forward (or is done); then `run` runs the
+/// round, the batcher's own requests (prompt chunks, first round only) and every forward asked
+/// for, and the waiting sequences are polled again. A sequence that panics, or waits without
+/// having asked for a forward, ends with `failed`'s outcome; the others are not affected.
+pub(super) fn drive<'a, T>(
     shared: &Shared,
-    rx: &mpsc::Receiver<Message>,
-    mut live: usize,
-    mut waiting: Vec<ForwardRequest>,
-) {
-    let mut own = waiting.len();
+    mut stepping: Vec<(usize, Stepping<'a, T>)>,
+    mut own: Vec<ForwardRequest>,
+    failed: impl Fn(&str) -> T,
+    mut run: impl FnMut(Vec<ForwardRequest>),
+) -> Vec<(usize, T)> {
+    let mut done = Vec::with_capacity(stepping.len());
+    let mut cx = Context::from_waker(Waker::noop());
     loop {
-        if !waiting.is_empty() && waiting.len() == live + own {
-            run_round(model, &mut shared.storage(), std::mem::take(&mut waiting));
-            own = 0;
+        stepping.retain_mut(|(i, step)| {
+            match catch_unwind(AssertUnwindSafe(|| step.as_mut().poll(&mut cx))) {
+                Ok(Poll::Pending) => true,
+                Ok(Poll::Ready(outcome)) => {
+                    done.push((*i, outcome));
+                    false
+                }
+                Err(_) => {
+                    done.push((*i, failed("the sequence's decoder panicked")));
+                    false
+                }
+            }
+        });
+        let mut round = std::mem::take(&mut own);
+        round.extend(shared.take_asked());
+        if round.is_empty() {
+            let stuck = stepping.drain(..);
+            done.extend(stuck.map(|(i, _)| (i, failed("the decoder waited without a forward"))));
+            return done;
         }
-        if live == 0 {
-            return;
-        }
-        match rx.recv() {
-            Ok(Message::Done) => live -= 1,
-            Ok(Message::Forward(request)) => waiting.push(request),
-            Err(_) => return,
-        }
+        run(round);
     }
 }
 
-fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<ForwardRequest>) {
+/// One round: the requests' sequences as one ragged paged forward, each answered with its rows.
+pub(super) fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<ForwardRequest>) {
     let seqs: Vec<PagedSeq> = requests.iter().map(ForwardRequest::seq).collect();
     let logits = model.forward_paged(&seqs, storage);
     let mut at = 0;
@@ -205,6 +237,92 @@ fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<ForwardReques
             Err(e) => Err(EngineError::Input(format!("batched forward: {e}"))),
         };
         at += n;
-        let _ = r.reply.send(answer);
+        r.answer.give(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use candle_core::{DType, Device};
+    use sdlm_kernels::AttentionShape;
+
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        let shape = AttentionShape {
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 1,
+            page_size: 4,
+        };
+        Arc::new(Shared::new(KvStorage::new(1, 1, shape)))
+    }
+
+    fn cache(shared: &Arc<Shared>) -> PagedCache {
+        PagedCache {
+            table: BlockTable::new(),
+            context: 0,
+            pool: PagePool::new(16, 4),
+            shared: Arc::clone(shared),
+        }
+    }
+
+    /// Answers every request with one zero row per token, and records the rounds' sizes.
+    fn answer_all(sizes: &RefCell<Vec<usize>>) -> impl FnMut(Vec<ForwardRequest>) + '_ {
+        |requests: Vec<ForwardRequest>| {
+            sizes.borrow_mut().push(requests.len());
+            for r in requests {
+                let rows = Tensor::zeros((r.tokens.len(), 3), DType::F32, &Device::Cpu);
+                r.answer.give(rows.map_err(EngineError::from));
+            }
+        }
+    }
+
+    /// A start and a first step: a forward of two tokens, then one of one; the rows it got.
+    fn two_forwards(c: &mut PagedCache) -> Stepping<'_, usize> {
+        Box::pin(async move {
+            let mut rows = 0;
+            for tokens in [&[7u32, 8][..], &[9]] {
+                let logits = c.run(tokens, 1, tokens.len(), LogitRows::All).await;
+                rows += logits.map(|l| l.dims()[0]).unwrap_or(0);
+            }
+            rows
+        })
+    }
+
+    #[test]
+    fn the_forwards_of_an_iteration_run_together_round_by_round() {
+        let shared = shared();
+        let (mut a, mut b) = (cache(&shared), cache(&shared));
+        let sizes = RefCell::new(Vec::new());
+        let stepping = vec![(0, two_forwards(&mut a)), (1, two_forwards(&mut b))];
+        let mut done = drive(&shared, stepping, Vec::new(), |_| 0, answer_all(&sizes));
+        done.sort();
+        assert_eq!(done, vec![(0, 3), (1, 3)]);
+        assert_eq!(
+            *sizes.borrow(),
+            vec![2, 2],
+            "both first forwards, then both second"
+        );
+        assert_eq!((a.context, b.context), (3, 3));
+    }
+
+    #[test]
+    fn a_sequence_that_panics_or_waits_without_a_forward_fails_alone() {
+        let shared = shared();
+        let mut asking = cache(&shared);
+        let sizes = RefCell::new(Vec::new());
+        let stepping: Vec<(usize, Stepping<'_, usize>)> = vec![
+            (0, Box::pin(async { panic!("a decoder bug") })),
+            (1, Box::pin(std::future::pending())),
+            (2, two_forwards(&mut asking)),
+            (3, Box::pin(async { 5 })),
+        ];
+        let mut done = drive(&shared, stepping, Vec::new(), |_| 99, answer_all(&sizes));
+        done.sort();
+        assert_eq!(done, vec![(0, 99), (1, 99), (2, 3), (3, 5)]);
+        assert_eq!(*sizes.borrow(), vec![1, 1]);
     }
 }

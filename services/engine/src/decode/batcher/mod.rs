@@ -3,11 +3,12 @@
 //! ragged forward over the paged KV cache. Sequences join and leave between iterations.
 //!
 //! How: each sequence's decoder is the same code as unbatched decoding, over a cache under the
-//! batcher (`forwards::PagedCache`). For an iteration, every decoder steps on a scoped thread of
-//! its own; where it would call the model, its cache hands the forward to the batcher and waits.
-//! Once every sequence has either asked for a forward or finished its step, the batcher runs the
-//! forwards together and answers each. So batched decoding makes the decisions unbatched
-//! decoding makes, from logits that differ only by the float sums of one wide forward.
+//! batcher (`forwards::PagedCache`). A decoder's step is a future that awaits its forward; for an
+//! iteration the batcher polls every stepping sequence, on its own thread, until each has either
+//! asked for a forward or finished its step, runs the forwards together, leaves each its logits
+//! and polls again. So batched decoding makes the decisions unbatched decoding makes, from
+//! logits that differ only by the float sums of one wide forward, with no thread per sequence
+//! and no hand-off between threads (which cost more than a small model's forward on a CPU).
 //!
 //! Per iteration:
 //! 1. **Room**: every admitted sequence must find the pages its next step may take; when they
@@ -22,11 +23,10 @@
 
 mod forwards;
 
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use forwards::{serve_forwards, DoneOnDrop, ForwardRequest, Message, PagedCache, Shared};
+use forwards::{drive, run_round, Answer, ForwardRequest, PagedCache, Shared, Stepping};
 
 use super::{decoder_resuming_in, DecodeStats, Decoder, DecodingParams, FinishReason, Mode};
 use crate::error::{EngineError, Result};
@@ -79,7 +79,7 @@ struct Entry<'m> {
 
 /// What an iteration does for a sequence.
 enum Work {
-    /// On a thread: start the decoder (Prefilling) or advance it one step (Running).
+    /// Start the decoder (Prefilling) or advance it one step (Running).
     Advance,
     /// Run the next `n` prompt tokens into the pages (the batcher's own request).
     Chunk(usize),
@@ -95,12 +95,11 @@ enum Outcome {
 }
 
 impl<'m> Entry<'m> {
-    fn advance(
+    async fn advance(
         &mut self,
         model: &'m Model,
         pool: &PagePool,
         shared: &Arc<Shared>,
-        batcher: mpsc::Sender<Message>,
     ) -> Outcome {
         match std::mem::replace(&mut self.stage, Stage::Waiting) {
             Stage::Waiting => Outcome::Failed(EngineError::Input(
@@ -112,7 +111,6 @@ impl<'m> Entry<'m> {
                     table,
                     pool: pool.clone(),
                     shared: Arc::clone(shared),
-                    batcher,
                 };
                 let started = decoder_resuming_in(
                     model,
@@ -120,7 +118,8 @@ impl<'m> Entry<'m> {
                     &self.committed,
                     &self.params,
                     Box::new(cache),
-                );
+                )
+                .await;
                 match started {
                     Ok(decoder) => {
                         self.stage = Stage::Running(decoder);
@@ -130,8 +129,7 @@ impl<'m> Entry<'m> {
                 }
             }
             Stage::Running(mut decoder) => {
-                drop(batcher); // its cache already has one
-                let stepped = decoder.step();
+                let stepped = decoder.step_async().await;
                 self.stage = Stage::Running(decoder);
                 match stepped {
                     Ok(tokens) => {
@@ -204,9 +202,6 @@ pub struct StepBatcher<'m> {
     retired: Vec<Entry<'m>>,
     next_id: SeqId,
     max_batch_tokens: usize,
-    /// Where decoders' caches send their forwards (kept for the decoders' whole lives).
-    tx: mpsc::Sender<Message>,
-    rx: mpsc::Receiver<Message>,
 }
 
 impl<'m> StepBatcher<'m> {
@@ -219,20 +214,14 @@ impl<'m> StepBatcher<'m> {
             pool.total(),
             model.attention_shape(pool.page_tokens()),
         )?;
-        let (tx, rx) = mpsc::channel();
         Ok(Self {
             model,
             pool,
-            shared: Arc::new(Shared {
-                storage: Mutex::new(storage),
-                solo: Default::default(),
-            }),
+            shared: Arc::new(Shared::new(storage)),
             entries: Vec::new(),
             retired: Vec::new(),
             next_id: 0,
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
-            tx,
-            rx,
         })
     }
 
@@ -371,8 +360,8 @@ impl<'m> StepBatcher<'m> {
         work
     }
 
-    /// Runs the planned work: prompt chunks as the batcher's own forwards, the rest on a thread
-    /// per sequence, all forwards batched into rounds.
+    /// Runs the planned work: prompt chunks as the batcher's own forwards, the rest by polling
+    /// each sequence's step, all forwards batched into rounds.
     fn run(&mut self, plan: Vec<(usize, Work)>) -> Vec<(usize, Outcome)> {
         let mut outcomes = Vec::new();
         let mut own = Vec::new();
@@ -382,63 +371,32 @@ impl<'m> StepBatcher<'m> {
             match w {
                 Work::Advance => advancing.push(i),
                 Work::Chunk(n) => match self.entries[i].chunk(&self.pool, n) {
-                    Ok((request, answer)) => {
+                    Ok(request) => {
+                        answers.push((i, Arc::clone(&request.answer)));
                         own.push(request);
-                        answers.push((i, answer));
                     }
                     Err(e) => outcomes.push((i, Outcome::Failed(e))),
                 },
             }
         }
         let (model, pool, shared) = (self.model, &self.pool, &self.shared);
-        let (tx, rx) = (&self.tx, &self.rx);
         let started = Instant::now();
-        let mut selected: Vec<(usize, &mut Entry<'m>)> = self
+        let stepping: Vec<(usize, Stepping<'_, Outcome>)> = self
             .entries
             .iter_mut()
             .enumerate()
             // `plan` lists the running entries first, in index order, so this is sorted.
             .filter(|(i, _)| advancing.binary_search(i).is_ok())
+            .map(|(i, entry)| -> (usize, Stepping<'_, Outcome>) {
+                (i, Box::pin(entry.advance(model, pool, shared)))
+            })
             .collect();
-        if let ([(i, entry)], true) = (selected.as_mut_slice(), own.is_empty()) {
-            shared.solo.store(true, Ordering::SeqCst);
-            let outcome = entry.advance(model, pool, shared, tx.clone());
-            shared.solo.store(false, Ordering::SeqCst);
-            outcomes.push((*i, outcome));
-            return outcomes;
-        }
-        let stepped: Vec<(usize, Outcome)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = selected
-                .iter_mut()
-                .map(|(i, entry)| {
-                    let (i, tx) = (*i, tx.clone());
-                    scope.spawn(move || {
-                        let _done = DoneOnDrop(tx.clone());
-                        (i, entry.advance(model, pool, shared, tx))
-                    })
-                })
-                .collect();
-            serve_forwards(model, shared, rx, handles.len(), own);
-            handles.into_iter().filter_map(|h| h.join().ok()).collect()
-        });
-        outcomes.extend(stepped);
+        let failed = |why: &str| Outcome::Failed(EngineError::Input(why.into()));
+        let round = |requests| run_round(model, &mut shared.storage(), requests);
+        outcomes.extend(drive(shared, stepping, own, failed, round));
         let seconds = started.elapsed().as_secs_f64();
         for (i, answer) in answers {
-            let e = &mut self.entries[i];
-            let outcome = match answer.recv() {
-                Ok(Ok(_)) => {
-                    if let Stage::Prefilling(table) = &mut e.stage {
-                        let written = table.len();
-                        table.publish(&self.pool, written);
-                    }
-                    e.chunks.prefill_forwards += 1;
-                    e.chunks.prefill_seconds += seconds;
-                    Outcome::Chunked
-                }
-                Ok(Err(err)) => Outcome::Failed(err),
-                Err(_) => Outcome::Failed(EngineError::Input("a prompt chunk was lost".into())),
-            };
-            outcomes.push((i, outcome));
+            outcomes.push((i, self.entries[i].chunk_ran(&self.pool, &answer, seconds)));
         }
         outcomes
     }
@@ -491,11 +449,7 @@ impl<'m> StepBatcher<'m> {
 
 impl Entry<'_> {
     /// Commits the next `n` prompt tokens to the table and asks for their forward (no logits).
-    fn chunk(
-        &mut self,
-        pool: &PagePool,
-        n: usize,
-    ) -> Result<(ForwardRequest, mpsc::Receiver<Result<candle_core::Tensor>>)> {
+    fn chunk(&mut self, pool: &PagePool, n: usize) -> Result<ForwardRequest> {
         let Stage::Prefilling(table) = &mut self.stage else {
             return Err(EngineError::Input(
                 "a prompt chunk for a running sequence".into(),
@@ -512,6 +466,24 @@ impl Entry<'_> {
             n,
             LogitRows::None,
         ))
+    }
+
+    /// What a prompt chunk's forward came to: its K/V are in the pages, which join the prefix
+    /// cache.
+    fn chunk_ran(&mut self, pool: &PagePool, answer: &Answer, seconds: f64) -> Outcome {
+        match answer.take() {
+            Some(Ok(_)) => {
+                if let Stage::Prefilling(table) = &mut self.stage {
+                    let written = table.len();
+                    table.publish(pool, written);
+                }
+                self.chunks.prefill_forwards += 1;
+                self.chunks.prefill_seconds += seconds;
+                Outcome::Chunked
+            }
+            Some(Err(err)) => Outcome::Failed(err),
+            None => Outcome::Failed(EngineError::Input("a prompt chunk was lost".into())),
+        }
     }
 
     /// The counters of the current admission: the decoder's, plus the prompt chunks.
