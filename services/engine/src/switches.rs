@@ -28,3 +28,5 @@ impl Switch {
 pub(crate) static HOST_CHOICES: Switch = Switch::new("SDLM_HOST_CHOICES");
 /// `SDLM_UNFUSED_NORM=1`: GPU layers compose candle's add and norm instead of the fused kernel.
 pub(crate) static UNFUSED_NORM: Switch = Switch::new("SDLM_UNFUSED_NORM");
+/// `SDLM_SLEEPING_WORKERS=1`: a CPU forward lets rayon's idle worker sleep between ops.
+pub(crate) static SLEEPING_WORKERS: Switch = Switch::new("SDLM_SLEEPING_WORKERS");

@@ -26,6 +26,15 @@ pub(super) fn rms_norm(norm: &RmsNorm, x: &Tensor, ops: Ops) -> Result<Tensor> {
     }
 }
 
+/// `a + b` on the residual stream: at inference on the CPU on rayon's workers (see
+/// `residual_add`), candle's differentiable add for training.
+fn add(a: &Tensor, b: &Tensor, ops: Ops) -> Result<Tensor> {
+    match ops {
+        Ops::Fast => super::residual_add::residual_add(a, b),
+        Ops::Differentiable => a + b,
+    }
+}
+
 /// The residual stream after a sub-layer (`residual + h`) and its norm. On a GPU at inference,
 /// one kernel does both and writes the sum into the stream's own storage (one launch and
 /// allocation fewer than an add and a norm); `residual` is the forward's own stream.
@@ -43,7 +52,7 @@ fn add_then_norm(
             return Ok(pair);
         }
     }
-    let sum = (residual + h)?;
+    let sum = add(residual, h, ops)?;
     let normed = rms_norm(norm, &sum, ops)?;
     Ok((sum, normed))
 }
@@ -395,7 +404,7 @@ impl DecoderLayer {
             .self_attn
             .forward_paged(&normed, cos, sin, step, storage, layer)?;
         let (x, normed) = add_then_norm(x, &h, &self.post_attention_layernorm, Ops::Fast)?;
-        x + self.mlp.forward(&normed)?
+        add(&x, &self.mlp.forward(&normed)?, Ops::Fast)
     }
 
     pub(super) fn forward(
@@ -410,6 +419,6 @@ impl DecoderLayer {
         let normed = rms_norm(&self.input_layernorm, x, ops)?;
         let (h, kv) = self.self_attn.forward(&normed, cos, sin, mask, past, ops)?;
         let (x, normed) = add_then_norm(x, &h, &self.post_attention_layernorm, ops)?;
-        Ok(((x + self.mlp.forward(&normed)?)?, kv))
+        Ok((add(&x, &self.mlp.forward(&normed)?, ops)?, kv))
     }
 }

@@ -18,6 +18,7 @@ mod op_inputs;
 mod paged;
 mod precision;
 mod q8_matmul;
+mod residual_add;
 mod rms_norm_grad;
 mod rope_grad;
 mod row_tasks;

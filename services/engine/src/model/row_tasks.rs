@@ -1,7 +1,19 @@
 //! What the few-row matmuls (`f32_rows`, `q8_matmul`) share: the split of a product `[m, n]`
-//! into tasks over weight rows, and the horizontal sum of their AVX2 accumulators.
+//! into tasks over weight rows, and the horizontal sum of their AVX2 accumulators; and the split
+//! of an elementwise op's output into chunks (SwiGLU, the residual add).
 
 use rayon::prelude::*;
+
+/// `fill(first index, chunk)` over `out` in chunks of `per_task`, on rayon's threads when there
+/// is more than one chunk.
+pub(super) fn by_chunks(out: &mut [f32], per_task: usize, fill: impl Fn(usize, &mut [f32]) + Sync) {
+    let task = |(i, chunk): (usize, &mut [f32])| fill(i * per_task, chunk);
+    if out.len() > per_task {
+        out.par_chunks_mut(per_task).enumerate().for_each(task);
+    } else {
+        out.chunks_mut(per_task).enumerate().for_each(task);
+    }
+}
 
 /// `[m, n]` from tasks that each fill a column strip `[m, count]` for weight rows
 /// `first..first + count` (`fill(first, count, strip)`), `rows_per_task` at a time, on rayon's

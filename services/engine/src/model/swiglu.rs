@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::op_inputs::{contiguous_f32, f32_cpu, host_values};
+use super::row_tasks::by_chunks;
 use crate::simd::{dispatch, exp, wide_simd, Build};
 
 /// Elements per task when the work is split across threads.
@@ -97,15 +98,9 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// `fill(first index, chunk)` over `out` in chunks of [`PER_TASK`], on rayon's threads when
-/// there is more than one.
+/// `fill(first index, chunk)` over `out` in chunks of [`PER_TASK`].
 fn by_tasks(out: &mut [f32], fill: impl Fn(usize, &mut [f32]) + Sync) {
-    let task = |(i, chunk): (usize, &mut [f32])| fill(i * PER_TASK, chunk);
-    if out.len() > PER_TASK {
-        out.par_chunks_mut(PER_TASK).enumerate().for_each(task);
-    } else {
-        out.chunks_mut(PER_TASK).enumerate().for_each(task);
-    }
+    by_chunks(out, PER_TASK, fill)
 }
 
 struct Span<'a> {
