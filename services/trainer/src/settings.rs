@@ -132,10 +132,12 @@ impl Settings {
                 // enough for the allocator to reuse (measured as fast or faster).
                 batch_size: 4,
                 accumulation: 2,
-                // Sized from the measured throughput on the idle 2-core machine: 800–860
-                // tokens/s in stage 1 (2.5 s a step), less in stage 2, which scores every
-                // position: about 105 minutes, leaving room under the 2-hour limit for evaluation.
-                steps: 2200,
+                // Sized from the measured throughput on the idle 2-core Xeon (AVX-512): about
+                // 1,500 tokens/s in stages 0 and 2, which score every position, 1,700 in stage 1
+                // (1.2–1.4 s a step): about 80 minutes, leaving room under the 2-hour limit for
+                // evaluation. An AVX2-only CPU is slower (the 2-core EPYC of earlier sessions
+                // ran 2,200 steps of older code at 720–770 tokens/s).
+                steps: 3600,
                 // Half the steps autoregressive: every position scored at weight 1 (the masked
                 // stage scores about half, weighted 1/t), which is what held-out AR bits/byte
                 // measures; the rest adapts the model to blocks (SDAR's recipe).
@@ -151,7 +153,7 @@ impl Settings {
                 min_lr_ratio: 0.1,
                 weight_decay: 0.1,
                 grad_clip: 1.0,
-                eval_every: 440,
+                eval_every: 720,
                 eval_tokens: 8192,
                 checkpoint_every: 50,
                 seed: 1,
