@@ -26,3 +26,17 @@ pub(crate) fn contiguous_f32<'a>(
 pub(crate) fn host_values(t: &Tensor) -> Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
+
+/// The two inputs of an elementwise op, contiguous f32 of equal length; an error naming `op`
+/// and both lengths otherwise.
+pub(crate) fn equal_pair<'a>(
+    op: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32])> {
+    let (a, b) = (contiguous_f32(op, s1, l1)?, contiguous_f32(op, s2, l2)?);
+    if a.len() != b.len() {
+        candle_core::bail!("{op}: inputs of {} and {} values", a.len(), b.len());
+    }
+    Ok((a, b))
+}

@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::op_inputs::{contiguous_f32, f32_cpu};
+use super::op_inputs::{equal_pair, f32_cpu};
 use super::row_tasks::by_chunks;
 
 /// Elements per task when the work is split across threads.
@@ -37,11 +37,7 @@ impl CustomOp2 for ResidualAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let a = contiguous_f32("residual add", s1, l1)?;
-        let b = contiguous_f32("residual add", s2, l2)?;
-        if a.len() != b.len() {
-            candle_core::bail!("residual add: {} values and {}", a.len(), b.len());
-        }
+        let (a, b) = equal_pair("residual add", (s1, l1), (s2, l2))?;
         let mut out = vec![0f32; a.len()];
         by_chunks(&mut out, PER_TASK, |at, out| {
             let (a, b) = (&a[at..at + out.len()], &b[at..at + out.len()]);

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::op_inputs::{contiguous_f32, f32_cpu, host_values};
+use super::op_inputs::{equal_pair, f32_cpu, host_values};
 use super::row_tasks::by_chunks;
 use crate::simd::{dispatch, exp, wide_simd, Build};
 
@@ -43,11 +43,7 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let gate = contiguous_f32("swiglu", gs, gl)?;
-        let up = contiguous_f32("swiglu", us, ul)?;
-        if gate.len() != up.len() {
-            candle_core::bail!("swiglu: gate has {} values, up {}", gate.len(), up.len());
-        }
+        let (gate, up) = equal_pair("swiglu", (gs, gl), (us, ul))?;
         let mut out = vec![0f32; gate.len()];
         by_tasks(&mut out, |at, out| {
             let span = Span {
