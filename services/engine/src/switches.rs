@@ -28,5 +28,8 @@ impl Switch {
 pub(crate) static HOST_CHOICES: Switch = Switch::new("SDLM_HOST_CHOICES");
 /// `SDLM_UNFUSED_NORM=1`: GPU layers compose candle's add and norm instead of the fused kernel.
 pub(crate) static UNFUSED_NORM: Switch = Switch::new("SDLM_UNFUSED_NORM");
+/// `SDLM_PER_SEQUENCE_CHOICES=1`: under the step batcher each greedy decoder makes its own
+/// choices from its rows instead of the batcher making them for the whole round.
+pub(crate) static PER_SEQUENCE_CHOICES: Switch = Switch::new("SDLM_PER_SEQUENCE_CHOICES");
 /// `SDLM_SLEEPING_WORKERS=1`: a CPU forward lets rayon's idle worker sleep between ops.
 pub(crate) static SLEEPING_WORKERS: Switch = Switch::new("SDLM_SLEEPING_WORKERS");

@@ -11,8 +11,8 @@ use std::time::Instant;
 use sdlm_kernels::reference::select_unmask;
 
 use super::{
-    prefill, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Progress, Row, RowReader,
-    Sampler, StepFuture,
+    prefill, softmax, stop_ids, Decoder, DecodingParams, FinishReason, Logits, Progress, Row,
+    RowReader, Sampler, StepFuture,
 };
 use crate::error::{EngineError, Result};
 use crate::model::{LogitRows, Model, SequenceCache};
@@ -169,7 +169,7 @@ impl<'m> DiffusionDecoder<'m> {
     /// One forward of the open block over the cache, with the pending finished block (if any)
     /// ahead of it and committed by the same forward. Returns the open block's logits: every
     /// row, or the masked positions' rows only when that is all a step reads.
-    async fn forward_block(&mut self) -> Result<candle_core::Tensor> {
+    async fn forward_block(&mut self) -> Result<Logits> {
         let len = self.block.len();
         self.progress.stats.denoise_forwards += 1;
         let pending = std::mem::take(&mut self.pending);
@@ -200,8 +200,8 @@ impl<'m> DiffusionDecoder<'m> {
             .forward(self.model, &tokens, p, p, wanted)
             .await?;
         if self.shift {
-            self.last_logits = self.reader.read_last(&logits.narrow(0, 0, 1)?)?;
-            return Ok(logits.narrow(0, 1, len)?);
+            self.last_logits = self.reader.read_last(&logits.narrow(0, 1)?)?;
+            return logits.narrow(1, len);
         }
         Ok(logits)
     }

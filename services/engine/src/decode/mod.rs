@@ -8,6 +8,7 @@ mod batcher;
 mod diffusion;
 mod futures;
 mod greedy;
+mod logits;
 mod params;
 mod rows;
 mod sampling;
@@ -16,6 +17,7 @@ pub use autoregressive::AutoregressiveDecoder;
 pub use batcher::{SeqId, StepBatcher, StepOutput, DEFAULT_MAX_BATCH_TOKENS};
 pub use diffusion::DiffusionDecoder;
 pub use futures::{now, StepFuture};
+pub use logits::{Chosen, Logits};
 pub use params::{DecodingParams, Mode, ModelLimits, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use sampling::{softmax, Pick, Sampler};
 

@@ -40,7 +40,7 @@ impl KvCache {
 /// A forward's logits, as a future: ready at once from a dense cache; under the step batcher it
 /// waits until the batcher has run the forwards of every stepping sequence together.
 pub type ForwardFuture<'a> =
-    Pin<Box<dyn Future<Output = crate::error::Result<Tensor>> + Send + 'a>>;
+    Pin<Box<dyn Future<Output = crate::error::Result<crate::decode::Logits>> + Send + 'a>>;
 
 /// Where a decoder's forwards run: its own dense cache (one sequence at a time), or a step
 /// batcher that runs the forwards of many sequences as one over the paged cache.
@@ -82,6 +82,6 @@ impl SequenceCache for KvCache {
     ) -> ForwardFuture<'a> {
         // The forward runs now; the future only hands its result over.
         let result = model.forward_cached_rows(tokens, self, query_block, commit, logits);
-        Box::pin(std::future::ready(result))
+        Box::pin(std::future::ready(result.map(crate::decode::Logits::from)))
     }
 }

@@ -37,6 +37,7 @@ use source::{Proj, Safetensors, WeightSource};
 
 pub use cache::{ForwardFuture, KvCache, SequenceCache};
 pub use logit_rows::LogitRows;
+pub(crate) use op_inputs::contiguous_f32;
 pub use paged::PagedSeq;
 pub use precision::MatmulPrecision;
 

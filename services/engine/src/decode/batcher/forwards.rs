@@ -9,23 +9,23 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use candle_core::Tensor;
-
+use super::choices::{self, Greedy};
+use crate::decode::Logits;
 use crate::error::{EngineError, Result};
 use crate::kv::{BlockTable, KvStorage, PageId, PagePool, TableView};
 use crate::model::{ForwardFuture, LogitRows, Model, PagedSeq, SequenceCache};
 
 /// Where the batcher leaves a forward's logits for the sequence that asked.
 #[derive(Default)]
-pub(super) struct Answer(Mutex<Option<Result<Tensor>>>);
+pub(super) struct Answer(Mutex<Option<Result<Logits>>>);
 
 impl Answer {
-    fn give(&self, logits: Result<Tensor>) {
+    fn give(&self, logits: Result<Logits>) {
         *lock(&self.0) = Some(logits);
     }
 
     /// The logits, once the batcher has run the forward.
-    pub fn take(&self) -> Option<Result<Tensor>> {
+    pub fn take(&self) -> Option<Result<Logits>> {
         lock(&self.0).take()
     }
 }
@@ -34,7 +34,7 @@ impl Answer {
 struct Answered(Arc<Answer>);
 
 impl Future for Answered {
-    type Output = Result<Tensor>;
+    type Output = Result<Logits>;
 
     fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
         match self.0.take() {
@@ -51,6 +51,8 @@ pub(super) struct ForwardRequest {
     pub commit: usize,
     pub context: usize,
     pub logits: LogitRows,
+    /// Set when the sequence reads only greedy choices, which the batcher then makes.
+    pub greedy: Option<Greedy>,
     /// The sequence's pages and the tokens they hold (a copy, taken when it asked).
     pub pages: Vec<PageId>,
     pub held: usize,
@@ -66,6 +68,7 @@ impl ForwardRequest {
         query_block: usize,
         commit: usize,
         logits: LogitRows,
+        greedy: Option<Greedy>,
     ) -> Self {
         Self {
             tokens: tokens.to_vec(),
@@ -73,6 +76,7 @@ impl ForwardRequest {
             commit,
             context,
             logits,
+            greedy,
             pages: table.page_ids().to_vec(),
             held: table.len(),
             answer: Arc::default(),
@@ -135,6 +139,8 @@ pub(super) struct PagedCache {
     pub context: usize,
     pub pool: PagePool,
     pub shared: Arc<Shared>,
+    /// Set when the decoder reads only greedy choices.
+    pub greedy: Option<Greedy>,
 }
 
 impl PagedCache {
@@ -144,7 +150,7 @@ impl PagedCache {
         query_block: usize,
         commit: usize,
         logits: LogitRows,
-    ) -> Result<Tensor> {
+    ) -> Result<Logits> {
         let committing = tokens.get(..commit).ok_or_else(|| {
             EngineError::Input(format!("commit {commit} of {} tokens", tokens.len()))
         })?;
@@ -156,6 +162,7 @@ impl PagedCache {
             query_block,
             commit,
             logits,
+            self.greedy,
         );
         let answer = Answered(Arc::clone(&request.answer));
         self.shared.ask(request);
@@ -225,18 +232,37 @@ pub(super) fn drive<'a, T>(
     }
 }
 
-/// One round: the requests' sequences as one ragged paged forward, each answered with its rows.
+/// One round: the requests' sequences as one ragged paged forward, each answered with its rows
+/// (and, for a greedy sequence, their choices).
 pub(super) fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<ForwardRequest>) {
     let seqs: Vec<PagedSeq> = requests.iter().map(ForwardRequest::seq).collect();
     let logits = model.forward_paged(&seqs, storage);
     let mut at = 0;
-    for r in &requests {
-        let n = r.logits.rows(&r.tokens).len();
+    let parts: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let n = r.logits.rows(&r.tokens).len();
+            at += n;
+            (at - n..at, r.greedy)
+        })
+        .collect();
+    let mut chosen = match &logits {
+        // A failure here leaves each greedy decoder to make its own choices, which reports it.
+        Ok(l) if !crate::switches::PER_SEQUENCE_CHOICES.on() => {
+            choices::choose(l, &parts).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+    .into_iter();
+    for (r, (rows, _)) in requests.iter().zip(&parts) {
+        let chosen = chosen.next().flatten();
         let answer = match &logits {
-            Ok(l) => l.narrow(0, at, n).map_err(EngineError::from),
+            Ok(l) => l
+                .narrow(0, rows.start, rows.len())
+                .map(|rows| Logits { rows, chosen })
+                .map_err(EngineError::from),
             Err(e) => Err(EngineError::Input(format!("batched forward: {e}"))),
         };
-        at += n;
         r.answer.give(answer);
     }
 }
@@ -245,7 +271,7 @@ pub(super) fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<Fo
 mod tests {
     use std::cell::RefCell;
 
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
     use sdlm_kernels::AttentionShape;
 
     use super::*;
@@ -266,6 +292,7 @@ mod tests {
             context: 0,
             pool: PagePool::new(16, 4),
             shared: Arc::clone(shared),
+            greedy: None,
         }
     }
 
@@ -275,7 +302,8 @@ mod tests {
             sizes.borrow_mut().push(requests.len());
             for r in requests {
                 let rows = Tensor::zeros((r.tokens.len(), 3), DType::F32, &Device::Cpu);
-                r.answer.give(rows.map_err(EngineError::from));
+                r.answer
+                    .give(rows.map(Logits::from).map_err(EngineError::from));
             }
         }
     }
@@ -286,7 +314,7 @@ mod tests {
             let mut rows = 0;
             for tokens in [&[7u32, 8][..], &[9]] {
                 let logits = c.run(tokens, 1, tokens.len(), LogitRows::All).await;
-                rows += logits.map(|l| l.dims()[0]).unwrap_or(0);
+                rows += logits.map(|l| l.rows.dims()[0]).unwrap_or(0);
             }
             rows
         })

@@ -21,11 +21,13 @@
 //! 3. **Admission** by free pages (prompt + committed + one block). An admitted prompt starts
 //!    from the longest prefix of full pages already in the prefix cache.
 
+mod choices;
 mod forwards;
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use choices::Greedy;
 use forwards::{drive, run_round, Answer, ForwardRequest, PagedCache, Shared, Stepping};
 
 use super::{decoder_resuming_in, DecodeStats, Decoder, DecodingParams, FinishReason, Mode};
@@ -111,6 +113,9 @@ impl<'m> Entry<'m> {
                     table,
                     pool: pool.clone(),
                     shared: Arc::clone(shared),
+                    greedy: self.params.reads_greedy_choices_only().then_some(Greedy {
+                        banned: model.config().diffusion.mask_token_id,
+                    }),
                 };
                 let started = decoder_resuming_in(
                     model,
@@ -465,6 +470,7 @@ impl Entry<'_> {
             1,
             n,
             LogitRows::None,
+            None,
         ))
     }
 

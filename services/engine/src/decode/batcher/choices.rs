@@ -1,0 +1,131 @@
+//! The greedy choices of a round, made by the batcher for every sequence whose decoder reads
+//! only those (see `decode/logits.rs` for why): on the CPU one pass over their rows split
+//! across rayon's workers, with the same `greedy_pick` a decoder's sampler runs (so a sequence
+//! decodes the same tokens as alone); on a GPU one `row_confidence` launch over the batch per
+//! banned token (in practice one: every decoder bans the model's mask token).
+
+use std::ops::Range;
+
+use candle_core::{Storage, Tensor};
+use rayon::prelude::*;
+
+use super::super::greedy::greedy_pick;
+use super::super::logits::Chosen;
+use super::super::sampling::Pick;
+use crate::error::Result;
+
+/// A sequence that reads only greedy choices (temperature 0, no self-correction), and the
+/// token its decoder never chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Greedy {
+    pub banned: Option<u32>,
+}
+
+/// For each request (its rows of `logits` `[rows, vocab]` and whether it is greedy), the
+/// choices for its rows, or `None` for a request that reads the logits themselves.
+pub(super) fn choose(
+    logits: &Tensor,
+    requests: &[(Range<usize>, Option<Greedy>)],
+) -> Result<Vec<Option<Chosen>>> {
+    let (_, vocab) = logits.dims2()?;
+    let per_row = match logits.device().is_cpu() {
+        true => on_cpu(logits, vocab, requests)?,
+        false => on_device(logits, requests)?,
+    };
+    let mut per_row = per_row.into_iter();
+    Ok(requests
+        .iter()
+        .map(|(rows, greedy)| {
+            let greedy = (*greedy)?;
+            let picks: Vec<Pick> = per_row.by_ref().take(rows.len()).collect();
+            Some(Chosen {
+                banned: greedy.banned,
+                picks,
+            })
+        })
+        .collect())
+}
+
+/// The picks of the greedy requests' rows, in request order.
+fn on_cpu(
+    logits: &Tensor,
+    vocab: usize,
+    requests: &[(Range<usize>, Option<Greedy>)],
+) -> Result<Vec<Pick>> {
+    let rows: Vec<(usize, Option<u32>)> = requests
+        .iter()
+        .filter_map(|(rows, greedy)| {
+            let banned = (*greedy)?.banned;
+            Some(rows.clone().map(move |r| (r, banned)))
+        })
+        .flatten()
+        .collect();
+    let logits = logits.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let (storage, layout) = logits.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        unreachable!("the device is the CPU");
+    };
+    let values = crate::model::contiguous_f32("greedy choices", storage, layout)?;
+    Ok(rows
+        .par_iter()
+        .with_min_len(4)
+        .map(|&(r, banned)| greedy_pick(&values[r * vocab..][..vocab], banned))
+        .collect())
+}
+
+/// The picks of the greedy requests' rows, in request order: one launch over every row of the
+/// batch per distinct ban.
+fn on_device(logits: &Tensor, requests: &[(Range<usize>, Option<Greedy>)]) -> Result<Vec<Pick>> {
+    let mut made: Vec<(Option<u32>, Vec<Pick>)> = Vec::new();
+    let mut picks = Vec::new();
+    for (rows, greedy) in requests {
+        let Some(Greedy { banned }) = *greedy else {
+            continue;
+        };
+        if !made.iter().any(|(b, _)| *b == banned) {
+            made.push((
+                banned,
+                crate::cuda_ops::greedy_choices_on_device(logits, banned)?,
+            ));
+        }
+        let all = made
+            .iter()
+            .find(|(b, _)| *b == banned)
+            .map(|(_, p)| p.as_slice())
+            .unwrap_or_default();
+        picks.extend_from_slice(all.get(rows.clone()).unwrap_or_default());
+    }
+    Ok(picks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn greedy_requests_get_their_rows_picks_as_the_sampler_makes_them() {
+        let values: Vec<f32> = (0..5 * 7).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+        let logits = Tensor::from_vec(values.clone(), (5, 7), &Device::Cpu).unwrap();
+        let ban = |b| Some(Greedy { banned: b });
+        let requests = [(0..2, ban(Some(3))), (2..3, None), (3..5, ban(None))];
+        let got = choose(&logits, &requests).unwrap();
+        assert_eq!(got[1], None, "a sampling request reads its rows itself");
+        for (i, (rows, greedy)) in requests.iter().enumerate() {
+            let Some(Greedy { banned }) = greedy else {
+                continue;
+            };
+            let want: Vec<Pick> = rows
+                .clone()
+                .map(|r| greedy_pick(&values[r * 7..][..7], *banned))
+                .collect();
+            assert_eq!(
+                got[i],
+                Some(Chosen {
+                    banned: *banned,
+                    picks: want
+                })
+            );
+        }
+    }
+}
