@@ -17,6 +17,8 @@ pub struct Level {
     pub forwards: usize,
     pub seconds: f64,
     pub iterations: usize,
+    /// Of `seconds`, the batcher's rounds: its batched forwards and the greedy choices.
+    pub round_seconds: f64,
 }
 
 /// Every prompt through a batcher keeping `concurrency` sequences in flight.
@@ -56,6 +58,7 @@ pub fn run_level(
         forwards,
         seconds: start.elapsed().as_secs_f64(),
         iterations,
+        round_seconds: batcher.round_seconds(),
     })
 }
 
@@ -71,6 +74,11 @@ pub fn report(model: &Model, page_tokens: usize, levels: &[Level], json: bool) {
         let tps = l.tokens as f64 / l.seconds.max(1e-9);
         let ratio = base.map(|b| tps / b.max(1e-9)).unwrap_or(f64::NAN);
         let tpf = l.tokens as f64 / l.forwards.max(1) as f64;
+        let per_iteration_ms = |s: f64| s * 1e3 / l.iterations.max(1) as f64;
+        let (round_ms, rest_ms) = (
+            per_iteration_ms(l.round_seconds),
+            per_iteration_ms(l.seconds - l.round_seconds),
+        );
         if json {
             println!(
                 "{}",
@@ -79,19 +87,22 @@ pub fn report(model: &Model, page_tokens: usize, levels: &[Level], json: bool) {
                     "tokens": l.tokens, "seconds": l.seconds, "tokens_per_second": tps,
                     "ratio_to_first_level": ratio, "tokens_per_forward": tpf,
                     "engine_iterations": l.iterations, "kv_bytes_per_token": kv_bytes,
+                    "round_ms_per_iteration": round_ms, "rest_ms_per_iteration": rest_ms,
                     "page_tokens": page_tokens,
                 })
             );
         } else {
             println!(
-                "{:>14} {:>6} {:>11} {:>9.1} {:>9.2}x {:>8.2} {:>10}",
+                "{:>14} {:>6} {:>11} {:>9.1} {:>9.2}x {:>8.2} {:>10} {:>9.3} {:>9.3}",
                 format!("{:?}", l.mode).to_lowercase(),
                 l.block_size,
                 l.concurrency,
                 tps,
                 ratio,
                 tpf,
-                l.iterations
+                l.iterations,
+                round_ms,
+                rest_ms
             );
         }
     }

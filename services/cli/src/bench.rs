@@ -422,9 +422,18 @@ fn batched(args: &Args, model: &Model, ids: &[Vec<u32>], modes: &[Mode]) -> anyh
             args.max_batch_tokens,
         );
         println!(
-            "{:>14} {:>6} {:>11} {:>9} {:>10} {:>8} {:>10}",
-            "mode", "block", "concurrency", "tokens/s", "vs first", "tok/fwd", "iterations"
+            "{:>14} {:>6} {:>11} {:>9} {:>10} {:>8} {:>10} {:>9} {:>9}",
+            "mode",
+            "block",
+            "concurrency",
+            "tokens/s",
+            "vs first",
+            "tok/fwd",
+            "iterations",
+            "round ms",
+            "rest ms"
         );
+        println!("(round ms: per iteration, the batched forward and the greedy choices; rest ms: the decoders' steps and the batcher's bookkeeping)");
     }
     for &mode in modes {
         let params = DecodingParams {

@@ -236,7 +236,11 @@ pub(super) fn drive<'a, T>(
 /// (and, for a greedy sequence, their choices).
 pub(super) fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<ForwardRequest>) {
     let seqs: Vec<PagedSeq> = requests.iter().map(ForwardRequest::seq).collect();
-    let logits = model.forward_paged(&seqs, storage);
+    // On a GPU the round ends when its work is done there (the decoders would wait for it at
+    // their first read anyway), so that the batcher's round time is the forward's.
+    let logits = model
+        .forward_paged(&seqs, storage)
+        .and_then(|l| Ok(model.device().synchronize().map(|_| l)?));
     let mut at = 0;
     let parts: Vec<_> = requests
         .iter()

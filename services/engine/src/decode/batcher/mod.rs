@@ -207,6 +207,8 @@ pub struct StepBatcher<'m> {
     retired: Vec<Entry<'m>>,
     next_id: SeqId,
     max_batch_tokens: usize,
+    /// Wall time spent in rounds (the batched forwards and the greedy choices), so far.
+    round_seconds: f64,
 }
 
 impl<'m> StepBatcher<'m> {
@@ -227,6 +229,7 @@ impl<'m> StepBatcher<'m> {
             retired: Vec::new(),
             next_id: 0,
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            round_seconds: 0.0,
         })
     }
 
@@ -234,6 +237,13 @@ impl<'m> StepBatcher<'m> {
     pub fn with_max_batch_tokens(mut self, tokens: usize) -> Self {
         self.max_batch_tokens = tokens.max(1);
         self
+    }
+
+    /// Seconds spent so far in rounds: the batched forwards (to the end of their work on a GPU)
+    /// and the greedy choices made for them. The rest of an iteration is host work: the
+    /// decoders' steps, admission, preemption.
+    pub fn round_seconds(&self) -> f64 {
+        self.round_seconds
     }
 
     pub fn pool(&self) -> &PagePool {
@@ -397,8 +407,14 @@ impl<'m> StepBatcher<'m> {
             })
             .collect();
         let failed = |why: &str| Outcome::Failed(EngineError::Input(why.into()));
-        let round = |requests| run_round(model, &mut shared.storage(), requests);
+        let mut round_seconds = 0.0;
+        let round = |requests| {
+            let started = Instant::now();
+            run_round(model, &mut shared.storage(), requests);
+            round_seconds += started.elapsed().as_secs_f64();
+        };
         outcomes.extend(drive(shared, stepping, own, failed, round));
+        self.round_seconds += round_seconds;
         let seconds = started.elapsed().as_secs_f64();
         for (i, answer) in answers {
             outcomes.push((i, self.entries[i].chunk_ran(&self.pool, &answer, seconds)));
