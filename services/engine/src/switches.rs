@@ -31,5 +31,7 @@ pub(crate) static UNFUSED_NORM: Switch = Switch::new("SDLM_UNFUSED_NORM");
 /// `SDLM_PER_SEQUENCE_CHOICES=1`: under the step batcher each greedy decoder makes its own
 /// choices from its rows instead of the batcher making them for the whole round.
 pub(crate) static PER_SEQUENCE_CHOICES: Switch = Switch::new("SDLM_PER_SEQUENCE_CHOICES");
+/// `SDLM_PRODUCTS_IN_TURN=1`: a CPU layer's independent products run one after the other.
+pub(crate) static PRODUCTS_IN_TURN: Switch = Switch::new("SDLM_PRODUCTS_IN_TURN");
 /// `SDLM_SLEEPING_WORKERS=1`: a CPU forward lets rayon's idle worker sleep between ops.
 pub(crate) static SLEEPING_WORKERS: Switch = Switch::new("SDLM_SLEEPING_WORKERS");

@@ -4,6 +4,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::RmsNorm;
 use sdlm_kernels::reference::RopeTable;
 
+use super::on_workers::side_by_side;
 use super::source::{Proj, WeightSource};
 
 /// Which implementation of RMSNorm, RoPE and softmax a forward uses: candle's fused CPU/CUDA
@@ -120,7 +121,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = super::swiglu::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let (gate, up) = side_by_side(x, || self.gate_proj.forward(x), || self.up_proj.forward(x));
+        let gated = super::swiglu::swiglu(&gate?, &up?)?;
         self.down_proj.forward(&gated)
     }
 }
@@ -197,19 +199,15 @@ impl Attention {
         sin: &Tensor,
         ops: Ops,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let q = self.split_heads(
-            self.q_proj.forward(x)?,
-            self.heads,
-            self.q_norm.as_ref(),
-            ops,
-        )?;
-        let k = self.split_heads(
-            self.k_proj.forward(x)?,
-            self.kv_heads,
-            self.k_norm.as_ref(),
-            ops,
-        )?;
-        let v = self.split_heads(self.v_proj.forward(x)?, self.kv_heads, None, ops)?;
+        // q against k and v: about half the outputs each.
+        let (q, (k, v)) = side_by_side(
+            x,
+            || self.q_proj.forward(x),
+            || side_by_side(x, || self.k_proj.forward(x), || self.v_proj.forward(x)),
+        );
+        let q = self.split_heads(q?, self.heads, self.q_norm.as_ref(), ops)?;
+        let k = self.split_heads(k?, self.kv_heads, self.k_norm.as_ref(), ops)?;
+        let v = self.split_heads(v?, self.kv_heads, None, ops)?;
         // GGUF's llama layout permutes q/k rows so that RoPE rotates adjacent pairs.
         use candle_nn::rotary_emb::{rope, rope_i, rope_i_slow, rope_slow};
         let rotate = |x: &Tensor| match (self.rope_interleaved, ops) {
