@@ -5,8 +5,8 @@
 # dlopen libcuda at run time), `sdlm` built with `--features cuda` for the end-to-end decode
 # benchmark and the engine's GPU test (both link the CUDA libraries, see below; packed as .xz),
 # the script that makes that benchmark's random model, the tokenizer and prompts it uses, a link
-# to the shipped model (its greedy completions on the GPU are checked against the CPU's), and
-# gpu-check.sh itself.
+# to the shipped model (its greedy completions on the GPU are checked against the CPU's; HF
+# transformers loads it there with scripts/check-hf-load.py), and gpu-check.sh itself.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -66,7 +66,7 @@ mkdir -p "$bundle"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$target_dir/release/sdlm-kernel-bench" "$bundle/"
 cp "$test_exe" "$bundle/cuda_parity"
-cp "$here/gpu-check.sh" "$here/random_qwen2.py" "$bundle/"
+cp "$here/gpu-check.sh" "$here/random_qwen2.py" "$repo/scripts/check-hf-load.py" "$bundle/"
 cp "$sdlm_cuda" "$bundle/sdlm"
 cp "$engine_test" "$bundle/engine_cuda"
 cp "$repo/models/sdlm-tiny-code/tokenizer.json" "$bundle/tokenizer.json"

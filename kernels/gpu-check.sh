@@ -9,9 +9,11 @@
 #     Qwen2.5-0.5B's shape made here: autoregressive against diffusion, same weights and prompts;
 #  4. the shipped model: greedy completions on cuda against the same on the cpu, and its bench;
 #  5. the kernel benchmark against its floors;
-#  6. compute-sanitizer memcheck and racecheck on a small subset of the parity tests.
+#  6. compute-sanitizer memcheck and racecheck on a small subset of the parity tests;
+#  7. the shipped model loaded by HF transformers (the machine's PyTorch, on its CPU), scored
+#     next to `sdlm perplexity` (the development machines have no PyTorch).
 # Writes everything under the folder given as $1 (default ./results) and prints the tables last.
-# Steps after it (parity engine e2e shipped bench sanitizer) run only those, for a second run
+# Steps after it (parity engine e2e shipped bench sanitizer hf) run only those, for a second run
 # in a lease that has already measured the rest; the ceilings always run.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -168,6 +170,16 @@ if want sanitizer; then
   else
     summary+=("compute-sanitizer: not on PATH")
   fi
+fi
+
+if want hf; then
+  echo "== the shipped model through HF transformers"
+  sample="${TMPDIR:-/tmp}/heldout-sample.py"
+  python3 -c 'import json, sys; open(sys.argv[2], "w").write("".join(json.loads(l)["prompt"] for l in open(sys.argv[1])))' \
+    "$here/prompts.jsonl" "$sample"
+  timeout 120 python3 "$here/check-hf-load.py" "$here/sdlm-tiny-code" "$sample" 64 "$sdlm" \
+    >"$out/hf-check.txt" 2>&1
+  summary+=("HF transformers against sdlm perplexity, shipped model: exit $?; $(tail -1 "$out/hf-check.txt")")
 fi
 
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
