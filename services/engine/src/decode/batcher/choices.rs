@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::super::greedy::greedy_pick;
 use super::super::logits::Chosen;
 use super::super::sampling::Pick;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// A sequence that reads only greedy choices (temperature 0, no self-correction), and the
 /// token its decoder never chooses.
@@ -27,7 +27,12 @@ pub(super) fn choose(
     logits: &Tensor,
     requests: &[(Range<usize>, Option<Greedy>)],
 ) -> Result<Vec<Option<Chosen>>> {
-    let (_, vocab) = logits.dims2()?;
+    let (rows, vocab) = logits.dims2()?;
+    if let Some((r, _)) = requests.iter().find(|(r, _)| r.end > rows) {
+        return Err(EngineError::Input(format!(
+            "greedy choices for rows {r:?} of a forward that returned {rows}"
+        )));
+    }
     let per_row = match logits.device().is_cpu() {
         true => on_cpu(logits, vocab, requests)?,
         false => on_device(logits, requests)?,
@@ -63,7 +68,9 @@ fn on_cpu(
     let logits = logits.to_dtype(candle_core::DType::F32)?.contiguous()?;
     let (storage, layout) = logits.storage_and_layout();
     let Storage::Cpu(storage) = &*storage else {
-        unreachable!("the device is the CPU");
+        return Err(EngineError::Input(
+            "greedy choices on the CPU of logits elsewhere".into(),
+        ));
     };
     let values = crate::model::contiguous_f32("greedy choices", storage, layout)?;
     Ok(rows
@@ -93,7 +100,11 @@ fn on_device(logits: &Tensor, requests: &[(Range<usize>, Option<Greedy>)]) -> Re
             .find(|(b, _)| *b == banned)
             .map(|(_, p)| p.as_slice())
             .unwrap_or_default();
-        picks.extend_from_slice(all.get(rows.clone()).unwrap_or_default());
+        // Rows past the end would shift every later request's choices: an error, not fewer.
+        let mine = all.get(rows.clone()).ok_or_else(|| {
+            EngineError::Input(format!("{} device choices for rows {rows:?}", all.len()))
+        })?;
+        picks.extend_from_slice(mine);
     }
     Ok(picks)
 }
@@ -111,6 +122,10 @@ mod tests {
         let requests = [(0..2, ban(Some(3))), (2..3, None), (3..5, ban(None))];
         let got = choose(&logits, &requests).unwrap();
         assert_eq!(got[1], None, "a sampling request reads its rows itself");
+        assert!(
+            choose(&logits, &[(4..6, ban(None))]).is_err(),
+            "rows past the forward's"
+        );
         for (i, (rows, greedy)) in requests.iter().enumerate() {
             let Some(Greedy { banned }) = greedy else {
                 continue;
