@@ -1,6 +1,8 @@
-//! What a decoder reads of a logits row. On the CPU it is the row. On a GPU, greedy decoding
-//! needs only each row's arg max and its probability: the kernels' `row_confidence` computes
-//! them where the logits are, so a row (152k floats for Qwen) never crosses to the host.
+//! What a decoder reads of a logits row. Greedy decoding needs only each row's arg max and its
+//! probability: under the step batcher those come with the logits, made for the whole round
+//! (`decode/logits.rs`); alone on a GPU the kernels' `row_confidence` computes them where the
+//! logits are, so a row (152k floats for Qwen) never crosses to the host. Otherwise it is the
+//! row.
 
 use super::logits::Logits;
 use super::params::DecodingParams;
