@@ -72,7 +72,7 @@ pub struct RunReport {
 
 pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
     let paths = RunPaths(opts.run_dir.clone());
-    let settings = resolve_settings(&paths, &opts)?;
+    let mut settings = resolve_settings(&paths, &opts)?;
     let config_json = hf_config(&settings, MASK_ID, 0, PAD_ID);
     let init = opts.init.as_deref().filter(|_| !opts.resume);
     if let Some(dir) = init {
@@ -217,6 +217,12 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
                 row.stage, row.stats.loss, row.tokens_per_s
             ));
         }
+        if state.step == Settings::BUDGET_MEASURED_STEPS {
+            fit_time_budget(&paths, &mut settings, &state, &mut log)?;
+            if let Some(bar) = &bar {
+                bar.set_length(settings.steps as u64);
+            }
+        }
         if state.step % settings.eval_every == 0 && state.step < settings.steps {
             let n = settings.eval_tokens.min(held_out.len());
             let e = score_held_out(&learner, &held_out[..n], &bytes_of, &settings)?;
@@ -360,6 +366,36 @@ fn resolve_settings(paths: &RunPaths, opts: &RunOptions) -> Result<Settings, Tra
         .map_err(|e| TrainerError::file(paths.settings(), e))?;
     write(&paths.settings(), text.as_bytes())?;
     Ok(settings)
+}
+
+/// Lowers `settings.steps` to what the time budget holds at the speed of the steps so far (see
+/// `Settings::time_budget_s`), and keeps the new count in settings.json for `--resume`; the log
+/// records the decision.
+fn fit_time_budget(
+    paths: &RunPaths,
+    settings: &mut Settings,
+    state: &TrainState,
+    log: &mut std::fs::File,
+) -> Result<(), TrainerError> {
+    let seconds_per_step = state.elapsed_s / state.step.max(1) as f64;
+    let steps = settings.steps_within_budget(seconds_per_step);
+    if steps == settings.steps {
+        return Ok(());
+    }
+    let planned = settings.steps;
+    settings.steps = steps;
+    settings.validate()?;
+    let text = serde_json::to_string_pretty(settings)
+        .map_err(|e| TrainerError::file(paths.settings(), e))?;
+    write(&paths.settings(), text.as_bytes())?;
+    append(
+        log,
+        paths,
+        &serde_json::json!({"step": state.step, "time_budget": {
+            "seconds": settings.time_budget_s, "seconds_per_step": seconds_per_step,
+            "planned_steps": planned, "steps": steps,
+        }}),
+    )
 }
 
 /// The HF-layout model directory: config.json, model.safetensors, tokenizer.json.

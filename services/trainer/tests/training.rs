@@ -165,6 +165,44 @@ fn run_options<'a>(
 }
 
 #[test]
+fn a_time_budget_lowers_the_steps_once_and_the_run_keeps_to_them() {
+    let (tmp, corpus) = scratch("sdlm-train-budget");
+    let stop = AtomicBool::new(false);
+    let mut settings = small_run_settings();
+    settings.steps = 30;
+    settings.eval_every = 100;
+    // Far too little time for 30 steps: the run takes one past the measured ones.
+    settings.time_budget_s = 1e-6;
+    let dir = tmp.join("budget");
+    let report = run(run_options(
+        &dir,
+        &corpus,
+        &stop,
+        Some(settings),
+        None,
+        None,
+    ))
+    .unwrap();
+    let fitted = Settings::BUDGET_MEASURED_STEPS + 1;
+    assert!(report.finished, "the lowered count is the run's end");
+    assert_eq!(report.steps, fitted);
+    assert_eq!(step_losses(&dir).len(), fitted);
+    let saved: Settings =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json")).unwrap()).unwrap();
+    assert_eq!(saved.steps, fitted, "kept for --resume");
+    let decisions: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["time_budget"].is_object())
+        .collect();
+    assert_eq!(decisions.len(), 1);
+    assert_eq!(decisions[0]["time_budget"]["planned_steps"], 30);
+    assert_eq!(decisions[0]["step"], Settings::BUDGET_MEASURED_STEPS);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
 fn resume_continues_exactly_and_the_export_serves_the_trained_logits() {
     let (tmp, corpus) = scratch("sdlm-train");
     let stop = AtomicBool::new(false);
