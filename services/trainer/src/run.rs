@@ -362,10 +362,15 @@ fn resolve_settings(paths: &RunPaths, opts: &RunOptions) -> Result<Settings, Tra
     };
     settings.validate()?;
     std::fs::create_dir_all(&paths.0).map_err(|e| TrainerError::file(&paths.0, e))?;
-    let text = serde_json::to_string_pretty(&settings)
-        .map_err(|e| TrainerError::file(paths.settings(), e))?;
-    write(&paths.settings(), text.as_bytes())?;
+    save_settings(paths, &settings)?;
     Ok(settings)
+}
+
+/// The run's settings.json, what `--resume` reads.
+fn save_settings(paths: &RunPaths, settings: &Settings) -> Result<(), TrainerError> {
+    let text = serde_json::to_string_pretty(settings)
+        .map_err(|e| TrainerError::file(paths.settings(), e))?;
+    write(&paths.settings(), text.as_bytes())
 }
 
 /// Lowers `settings.steps` to what the time budget holds at the speed of the steps so far (see
@@ -385,9 +390,7 @@ fn fit_time_budget(
     let planned = settings.steps;
     settings.steps = steps;
     settings.validate()?;
-    let text = serde_json::to_string_pretty(settings)
-        .map_err(|e| TrainerError::file(paths.settings(), e))?;
-    write(&paths.settings(), text.as_bytes())?;
+    save_settings(paths, settings)?;
     append(
         log,
         paths,

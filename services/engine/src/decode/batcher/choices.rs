@@ -89,17 +89,15 @@ fn on_device(logits: &Tensor, requests: &[(Range<usize>, Option<Greedy>)]) -> Re
         let Some(Greedy { banned }) = *greedy else {
             continue;
         };
-        if !made.iter().any(|(b, _)| *b == banned) {
-            made.push((
-                banned,
-                crate::cuda_ops::greedy_choices_on_device(logits, banned)?,
-            ));
-        }
-        let all = made
-            .iter()
-            .find(|(b, _)| *b == banned)
-            .map(|(_, p)| p.as_slice())
-            .unwrap_or_default();
+        let at = match made.iter().position(|(b, _)| *b == banned) {
+            Some(at) => at,
+            None => {
+                let all = crate::cuda_ops::greedy_choices_on_device(logits, banned)?;
+                made.push((banned, all));
+                made.len() - 1
+            }
+        };
+        let all = &made[at].1;
         // Rows past the end would shift every later request's choices: an error, not fewer.
         let mine = all.get(rows.clone()).ok_or_else(|| {
             EngineError::Input(format!("{} device choices for rows {rows:?}", all.len()))

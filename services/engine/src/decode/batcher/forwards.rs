@@ -238,9 +238,10 @@ pub(super) fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<Fo
     let seqs: Vec<PagedSeq> = requests.iter().map(ForwardRequest::seq).collect();
     // On a GPU the round ends when its work is done there (the decoders would wait for it at
     // their first read anyway), so that the batcher's round time is the forward's.
-    let logits = model
-        .forward_paged(&seqs, storage)
-        .and_then(|l| Ok(model.device().synchronize().map(|_| l)?));
+    let logits = model.forward_paged(&seqs, storage).and_then(|l| {
+        model.device().synchronize()?;
+        Ok(l)
+    });
     let mut at = 0;
     let parts: Vec<_> = requests
         .iter()
