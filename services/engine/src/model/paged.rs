@@ -100,12 +100,15 @@ impl Model {
             }
             None => None,
         };
+        let rope_positions: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
         let step = PagedStep {
             batch,
             shape,
             commits: &commits,
             tables: &views,
             device: device_batch.as_ref(),
+            positions: &rope_positions,
+            rope: self.rotary.table(),
         };
         let (cos, sin) = self.rotary.at(&positions)?;
         let input = Tensor::new(ids.as_slice(), self.device())?.unsqueeze(0)?;
