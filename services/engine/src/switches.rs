@@ -35,3 +35,6 @@ pub(crate) static PER_SEQUENCE_CHOICES: Switch = Switch::new("SDLM_PER_SEQUENCE_
 pub(crate) static PRODUCTS_IN_TURN: Switch = Switch::new("SDLM_PRODUCTS_IN_TURN");
 /// `SDLM_SLEEPING_WORKERS=1`: a CPU forward lets rayon's idle worker sleep between ops.
 pub(crate) static SLEEPING_WORKERS: Switch = Switch::new("SDLM_SLEEPING_WORKERS");
+/// `SDLM_WHOLE_BATCH=1`: a CPU paged forward runs its batch as one part, each op split across
+/// rayon's workers, instead of parts side by side.
+pub(crate) static WHOLE_BATCH: Switch = Switch::new("SDLM_WHOLE_BATCH");

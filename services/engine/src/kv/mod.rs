@@ -12,7 +12,7 @@ mod storage;
 
 pub use attention::paged_attention;
 pub use block_table::{chain_hash, BlockTable, OutOfPages, TableView};
-pub(crate) use device_pages::DeviceBatch;
+pub(crate) use device_pages::{DeviceBatch, DevicePages};
 pub use pool::{PageId, PagePool, PageRef, PrefixStats};
 pub(crate) use storage::slots;
 pub use storage::KvStorage;

@@ -277,21 +277,30 @@ impl Attention {
     }
 }
 
-/// What a paged forward needs besides the hidden states: the batch's layout over the cache,
-/// the layer's K/V pages, and where the rows to commit go.
+/// What a paged forward needs besides the hidden states and the pages: the batch's layout over
+/// the cache.
 pub(super) struct PagedStep<'a> {
     pub batch: sdlm_kernels::RaggedBatch<'a>,
     pub shape: sdlm_kernels::AttentionShape,
-    /// Per sequence: its first token in the batch, its context (tokens already in the cache) and
-    /// how many of its new tokens to write into the cache after this forward.
-    pub commits: &'a [(usize, usize, usize)],
-    pub tables: &'a [crate::kv::TableView<'a>],
     /// The batch on the device, when the pages are there.
     pub device: Option<&'a crate::kv::DeviceBatch>,
     /// Each new token's position, and the rotation table, for RoPE on rows.
     pub positions: &'a [i32],
     pub rope: &'a RopeTable,
 }
+
+/// Where a paged forward's layers find the K/V pages.
+pub(super) enum LayerPages<'a> {
+    /// Pages in host memory, only read while the forward runs: each layer hands back its new
+    /// tokens' keys and values ([`NewKv`]) and the forward writes the committed ones once the
+    /// whole batch is through (so that parts of a batch can run side by side, `paged.rs`).
+    Host(&'a crate::kv::KvStorage),
+    /// Pages on the device, which the attention kernel reads and writes as it goes.
+    Device(&'a mut crate::kv::DevicePages),
+}
+
+/// A layer's keys and values of the batch's new tokens, rows `[tokens, kv_heads, d]` each.
+pub(super) type NewKv = (Vec<f32>, Vec<f32>);
 
 impl Attention {
     /// Queries, keys and values of the ragged batch `x` (`[1, tokens, hidden]`) as f32 rows
@@ -346,60 +355,55 @@ impl Attention {
     }
 
     /// Attention of a ragged batch `x` (`[1, tokens, hidden]`, each sequence's tokens at their
-    /// own positions) over the paged cache of `layer`; writes the committed rows' K/V there.
+    /// own positions) over the paged cache of `layer`. Device pages get the committed rows' K/V
+    /// as the kernel runs; from host pages the new tokens' K/V come back to be written.
     fn forward_paged(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         step: &PagedStep<'_>,
-        storage: &mut crate::kv::KvStorage,
+        pages: &mut LayerPages<'_>,
         layer: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<NewKv>)> {
         let (_, len, _) = x.dims3()?;
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        if let (Some(batch), Some(pages)) = (step.device, storage.on_device()) {
-            let (q, k, v) = self.qkv(x, cos, sin, Ops::Fast)?;
-            // [1, heads, tokens, d] → [tokens, heads, d], the kernels' layout, on the device.
-            let rows = |t: Tensor| t.squeeze(0)?.transpose(0, 1)?.contiguous();
-            let out = pages
-                .attend_and_commit(layer, batch, &rows(q)?, &rows(k)?, &rows(v)?, scale)
-                .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
-            let out = out.reshape((1, len, self.heads * self.head_dim))?;
-            return self.o_proj.forward(&out.to_dtype(x.dtype())?);
-        }
-        let (q, k, v) = self.qkv_rows(x, cos, sin, step)?;
-        let row = self.kv_heads * self.head_dim;
-        let mut out = vec![0f32; len * self.heads * self.head_dim];
-        {
-            let (k_pages, v_pages) = storage.layer(layer).ok_or_else(|| {
-                candle_core::Error::Msg(format!("layer {layer}: no KV pages in host memory"))
-            })?;
-            crate::kv::paged_attention(
-                &step.shape,
-                &step.batch,
-                &q,
-                &k,
-                &v,
-                k_pages,
-                v_pages,
-                scale,
-                &mut out,
-            )
-            .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
-        }
-        for (s, &(first, context, commit)) in step.commits.iter().enumerate() {
-            if commit == 0 {
-                continue;
+        let storage = match pages {
+            LayerPages::Device(pages) => {
+                let batch = step.device.ok_or_else(|| {
+                    candle_core::Error::Msg("paged attention: device pages, no device batch".into())
+                })?;
+                let (q, k, v) = self.qkv(x, cos, sin, Ops::Fast)?;
+                // [1, heads, tokens, d] → [tokens, heads, d], the kernels' layout, on the device.
+                let rows = |t: Tensor| t.squeeze(0)?.transpose(0, 1)?.contiguous();
+                let out = pages
+                    .attend_and_commit(layer, batch, &rows(q)?, &rows(k)?, &rows(v)?, scale)
+                    .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
+                let out = out.reshape((1, len, self.heads * self.head_dim))?;
+                return Ok((self.o_proj.forward(&out.to_dtype(x.dtype())?)?, None));
             }
-            let span = first * row..(first + commit) * row;
-            storage
-                .write(layer, step.tables[s], context, &k[span.clone()], &v[span])
-                .map_err(|e| candle_core::Error::Msg(format!("writing the KV cache: {e}")))?;
-        }
+            LayerPages::Host(storage) => storage,
+        };
+        let (q, k, v) = self.qkv_rows(x, cos, sin, step)?;
+        let mut out = vec![0f32; len * self.heads * self.head_dim];
+        let (k_pages, v_pages) = storage.layer(layer).ok_or_else(|| {
+            candle_core::Error::Msg(format!("layer {layer}: no KV pages in host memory"))
+        })?;
+        crate::kv::paged_attention(
+            &step.shape,
+            &step.batch,
+            &q,
+            &k,
+            &v,
+            k_pages,
+            v_pages,
+            scale,
+            &mut out,
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
         let out = Tensor::from_vec(out, (1, len, self.heads * self.head_dim), x.device())?
             .to_dtype(x.dtype())?;
-        self.o_proj.forward(&out)
+        Ok((self.o_proj.forward(&out)?, Some((k, v))))
     }
 }
 
@@ -447,22 +451,23 @@ impl DecoderLayer {
         })
     }
 
-    /// [`DecoderLayer::forward`] for a ragged batch over the paged cache (inference only).
+    /// [`DecoderLayer::forward`] for a ragged batch over the paged cache (inference only),
+    /// with the new tokens' K/V when the pages are in host memory.
     pub(super) fn forward_paged(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         step: &PagedStep<'_>,
-        storage: &mut crate::kv::KvStorage,
+        pages: &mut LayerPages<'_>,
         layer: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<NewKv>)> {
         let normed = rms_norm(&self.input_layernorm, x, Ops::Fast)?;
-        let h = self
+        let (h, kv) = self
             .self_attn
-            .forward_paged(&normed, cos, sin, step, storage, layer)?;
+            .forward_paged(&normed, cos, sin, step, pages, layer)?;
         let (x, normed) = add_then_norm(x, &h, &self.post_attention_layernorm, Ops::Fast)?;
-        add(&x, &self.mlp.forward(&normed)?, Ops::Fast)
+        Ok((add(&x, &self.mlp.forward(&normed)?, Ops::Fast)?, kv))
     }
 
     pub(super) fn forward(

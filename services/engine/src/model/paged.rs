@@ -2,15 +2,33 @@
 //! of work: every sequence brings its new tokens (a prefill chunk, an open diffusion block, one
 //! AR token) at its own positions; the projections and MLPs run once over all of them, and
 //! attention reads each sequence's committed tokens from its pages.
+//!
+//! On the CPU a batch runs in parts side by side, one per rayon worker ([`parts`]), each part a
+//! whole forward over its sequences: the two cores of the machine this was measured on then
+//! never wait for each other inside a forward, where splitting each op across them cost a
+//! fork and a join per op (about sixty a forward of the shipped model) and a product at a time
+//! on one core. A part reads the weights itself (each core streams them once, as one sequence
+//! does alone), and a row's numbers do not depend on the rows beside it (the products, norms
+//! and attention are row by row), so a sequence decodes the same in any part. The pages are only
+//! read while the parts run (a forward's attention reads the cache below each sequence's new
+//! tokens, and those tokens' own K/V from the forward), and the committed rows are written once
+//! all parts are done.
+
+use std::ops::Range;
 
 use candle_core::{Module, Tensor};
+use rayon::prelude::*;
 use sdlm_kernels::{AttentionShape, RaggedBatch};
 
-use super::layers::PagedStep;
+use super::layers::{LayerPages, NewKv, PagedStep};
 use super::LogitRows;
 use super::Model;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvStorage, TableView};
+
+/// Tokens a part of a batch has at least when a CPU forward splits it: below this, a part's
+/// products are bound by reading the weights, which every part reads in full.
+const PART_TOKENS: usize = 16;
 
 /// One sequence's part of a paged forward.
 #[derive(Clone, Copy, Debug)]
@@ -54,70 +72,194 @@ impl Model {
                 "the KV storage is shaped {shape:?}, not for this model"
             )));
         }
+        check(seqs)?;
+        if let Some(pages) = storage.on_device() {
+            let layout = Layout::of(seqs);
+            let slots = commit_slots(seqs, &layout.commits, layout.ids.len(), shape.page_size)?;
+            let batch = layout.ragged();
+            let device_batch = pages.upload_batch(&shape, &batch, &slots)?;
+            let (logits, _) = self.run_layers(
+                &layout,
+                shape,
+                Some(&device_batch),
+                LayerPages::Device(pages),
+            )?;
+            return Ok(logits);
+        }
+        let workers = match crate::switches::WHOLE_BATCH.on() {
+            true => 1,
+            false => rayon::current_num_threads(),
+        };
+        let parts = parts(seqs, workers);
+        let host: &KvStorage = storage;
+        let runs = parts
+            .par_iter()
+            .map(|range| {
+                let layout = Layout::of(&seqs[range.clone()]);
+                let (logits, kv) = self.run_layers(&layout, shape, None, LayerPages::Host(host))?;
+                Ok((logits, kv, layout.commits))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (range, (_, kv, commits)) in parts.iter().zip(&runs) {
+            write_commits(storage, &seqs[range.clone()], commits, kv)?;
+        }
+        let mut logits: Vec<Tensor> = runs.into_iter().map(|(l, _, _)| l).collect();
+        Ok(match logits.len() {
+            1 => logits.remove(0),
+            _ => Tensor::cat(&logits, 0)?,
+        })
+    }
+
+    /// The layers and the LM head over one batch: logits `[rows, vocab]` and, from host pages,
+    /// each layer's new K/V.
+    fn run_layers(
+        &self,
+        layout: &Layout,
+        shape: AttentionShape,
+        device: Option<&crate::kv::DeviceBatch>,
+        mut pages: LayerPages<'_>,
+    ) -> Result<(Tensor, Vec<NewKv>)> {
+        let rope_positions: Vec<i32> = layout.positions.iter().map(|&p| p as i32).collect();
+        let step = PagedStep {
+            batch: layout.ragged(),
+            shape,
+            device,
+            positions: &rope_positions,
+            rope: self.rotary.table(),
+        };
+        let (cos, sin) = self.rotary.at(&layout.positions)?;
+        let input = Tensor::new(layout.ids.as_slice(), self.device())?.unsqueeze(0)?;
+        let mut x = self.embed_tokens.forward(&input)?;
+        let mut new_kv = Vec::new();
+        for (index, layer) in self.layers.iter().enumerate() {
+            let (out, kv) = layer.forward_paged(&x, &cos, &sin, &step, &mut pages, index)?;
+            x = out;
+            new_kv.extend(kv);
+        }
+        Ok((self.logits_of(&x, &layout.wanted)?.squeeze(0)?, new_kv))
+    }
+}
+
+/// An error naming the first sequence whose step does not fit its table.
+fn check(seqs: &[PagedSeq<'_>]) -> Result<()> {
+    for (i, s) in seqs.iter().enumerate() {
+        let n = s.tokens.len();
+        if n == 0 || s.commit > n || s.context + s.commit > s.table.len || s.query_block == 0 {
+            return Err(EngineError::Input(format!(
+                "sequence {i}: {n} tokens, commit {}, context {}, query_block {}, table of {} \
+                 tokens (needs tokens >= 1, commit <= tokens, context + commit <= table, \
+                 query_block >= 1)",
+                s.commit, s.context, s.query_block, s.table.len
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The batch's sequences in consecutive parts of about equal token counts, at most `workers`
+/// of them and each of at least [`PART_TOKENS`] tokens (one part when the batch is smaller).
+fn parts(seqs: &[PagedSeq<'_>], workers: usize) -> Vec<Range<usize>> {
+    let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    let count = workers.min(seqs.len()).min(tokens / PART_TOKENS).max(1);
+    let mut parts = Vec::with_capacity(count);
+    let (mut start, mut seen) = (0, 0);
+    for (i, s) in seqs.iter().enumerate() {
+        seen += s.tokens.len();
+        let left = seqs.len() - i - 1;
+        let parts_left = count - parts.len() - 1;
+        // Cut once this part has its share, keeping a sequence for each part still to come.
+        if parts_left > 0 && left >= parts_left && seen * count >= tokens * (parts.len() + 1) {
+            parts.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    parts.push(start..seqs.len());
+    parts
+}
+
+/// A batch's inputs as the forward and the kernels take them.
+struct Layout {
+    starts: Vec<i32>,
+    contexts: Vec<i32>,
+    blocks: Vec<i32>,
+    tables: Vec<i32>,
+    max_pages: usize,
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    /// Per sequence: its first token in the batch, its context and how many new tokens it
+    /// commits.
+    commits: Vec<(usize, usize, usize)>,
+    /// The batch rows whose logits are returned.
+    wanted: Vec<usize>,
+}
+
+impl Layout {
+    fn of(seqs: &[PagedSeq<'_>]) -> Self {
         let max_pages = seqs
             .iter()
             .map(|s| s.table.pages.len())
             .max()
             .unwrap_or(0)
             .max(1);
-        let (mut starts, mut contexts, mut blocks) = (vec![0i32], Vec::new(), Vec::new());
-        let mut tables = vec![0i32; seqs.len() * max_pages];
-        let (mut ids, mut positions, mut commits) = (Vec::new(), Vec::new(), Vec::new());
-        let mut wanted: Vec<usize> = Vec::new();
+        let mut l = Layout {
+            starts: vec![0],
+            contexts: Vec::with_capacity(seqs.len()),
+            blocks: Vec::with_capacity(seqs.len()),
+            tables: vec![0; seqs.len() * max_pages],
+            max_pages,
+            ids: Vec::new(),
+            positions: Vec::new(),
+            commits: Vec::with_capacity(seqs.len()),
+            wanted: Vec::new(),
+        };
         for (i, s) in seqs.iter().enumerate() {
-            let n = s.tokens.len();
-            if n == 0 || s.commit > n || s.context + s.commit > s.table.len || s.query_block == 0 {
-                return Err(EngineError::Input(format!(
-                    "sequence {i}: {n} tokens, commit {}, context {}, query_block {}, table of {} \
-                     tokens (needs tokens >= 1, commit <= tokens, context + commit <= table, \
-                     query_block >= 1)",
-                    s.commit, s.context, s.query_block, s.table.len
-                )));
-            }
             for (j, &p) in s.table.pages.iter().enumerate() {
-                tables[i * max_pages + j] = p as i32;
+                l.tables[i * max_pages + j] = p as i32;
             }
-            commits.push((ids.len(), s.context, s.commit));
-            wanted.extend(s.logits.rows(s.tokens).iter().map(|&r| ids.len() + r));
-            ids.extend_from_slice(s.tokens);
-            positions.extend((s.context..s.context + n).map(|p| p as u32));
-            starts.push(ids.len() as i32);
-            contexts.push(s.context as i32);
-            blocks.push(s.query_block as i32);
+            let first = l.ids.len();
+            l.commits.push((first, s.context, s.commit));
+            l.wanted
+                .extend(s.logits.rows(s.tokens).iter().map(|&r| first + r));
+            l.ids.extend_from_slice(s.tokens);
+            l.positions
+                .extend((s.context..s.context + s.tokens.len()).map(|p| p as u32));
+            l.starts.push(l.ids.len() as i32);
+            l.contexts.push(s.context as i32);
+            l.blocks.push(s.query_block as i32);
         }
-        let views: Vec<TableView<'_>> = seqs.iter().map(|s| s.table).collect();
-        let batch = RaggedBatch {
-            query_starts: &starts,
-            context_lens: &contexts,
-            query_blocks: &blocks,
-            block_tables: &tables,
-            max_pages_per_seq: max_pages,
-        };
-        let device_batch = match storage.on_device() {
-            Some(pages) => {
-                let slots = commit_slots(seqs, &commits, ids.len(), shape.page_size)?;
-                Some(pages.upload_batch(&shape, &batch, &slots)?)
-            }
-            None => None,
-        };
-        let rope_positions: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let step = PagedStep {
-            batch,
-            shape,
-            commits: &commits,
-            tables: &views,
-            device: device_batch.as_ref(),
-            positions: &rope_positions,
-            rope: self.rotary.table(),
-        };
-        let (cos, sin) = self.rotary.at(&positions)?;
-        let input = Tensor::new(ids.as_slice(), self.device())?.unsqueeze(0)?;
-        let mut x = self.embed_tokens.forward(&input)?;
-        for (layer, block) in self.layers.iter().enumerate() {
-            x = block.forward_paged(&x, &cos, &sin, &step, storage, layer)?;
-        }
-        Ok(self.logits_of(&x, &wanted)?.squeeze(0)?)
+        l
     }
+
+    fn ragged(&self) -> RaggedBatch<'_> {
+        RaggedBatch {
+            query_starts: &self.starts,
+            context_lens: &self.contexts,
+            query_blocks: &self.blocks,
+            block_tables: &self.tables,
+            max_pages_per_seq: self.max_pages,
+        }
+    }
+}
+
+/// Writes each sequence's committed rows of every layer's new K/V into the host pages.
+fn write_commits(
+    storage: &mut KvStorage,
+    seqs: &[PagedSeq<'_>],
+    commits: &[(usize, usize, usize)],
+    new_kv: &[NewKv],
+) -> Result<()> {
+    let shape = storage.shape();
+    let row = shape.num_kv_heads * shape.head_dim;
+    for (layer, (k, v)) in new_kv.iter().enumerate() {
+        for (s, &(first, context, commit)) in seqs.iter().zip(commits) {
+            if commit == 0 {
+                continue;
+            }
+            let span = first * row..(first + commit) * row;
+            storage.write(layer, s.table, context, &k[span.clone()], &v[span])?;
+        }
+    }
+    Ok(())
 }
 
 /// Per new token of the batch, the slot its K/V row is written to, or -1 when this forward does
@@ -134,4 +276,49 @@ fn commit_slots(
         slots[first..first + commit].copy_from_slice(&rows);
     }
     Ok(slots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_consecutive_cover_every_sequence_and_balance_tokens() {
+        let tables: Vec<u32> = Vec::new();
+        let seq = |tokens: &'static [u32]| PagedSeq {
+            tokens,
+            table: TableView {
+                pages: &tables,
+                len: 0,
+            },
+            context: 0,
+            query_block: 1,
+            commit: 0,
+            logits: LogitRows::All,
+        };
+        const FOUR: &[u32] = &[1; 4];
+        const FORTY: &[u32] = &[1; 40];
+        // 16 blocks of 4 tokens on 2 workers: 8 and 8.
+        let blocks = vec![seq(FOUR); 16];
+        assert_eq!(parts(&blocks, 2), [0..8, 8..16]);
+        // One worker, one sequence, or too few tokens: one part.
+        let one = |r: Range<usize>| vec![r];
+        assert_eq!(parts(&blocks, 1), one(0..16));
+        assert_eq!(parts(&blocks[..1], 2), one(0..1));
+        assert_eq!(parts(&blocks[..3], 2), one(0..3));
+        // A long prompt chunk first: it is a part of its own.
+        let mut mixed = vec![seq(FORTY)];
+        mixed.extend(vec![seq(FOUR); 10]);
+        assert_eq!(parts(&mixed, 2), [0..1, 1..11]);
+        // More workers than a batch fills: each part keeps at least PART_TOKENS tokens.
+        let parts16 = parts(&blocks, 16);
+        assert_eq!(parts16.len(), 4);
+        let mut next = 0;
+        for p in &parts16 {
+            assert_eq!(p.start, next);
+            assert!(!p.is_empty());
+            next = p.end;
+        }
+        assert_eq!(next, 16);
+    }
 }
