@@ -62,10 +62,33 @@ impl Model {
     /// order; the first `commit` new tokens of each sequence have their keys and values written
     /// to `storage`.
     pub fn forward_paged(&self, seqs: &[PagedSeq<'_>], storage: &mut KvStorage) -> Result<Tensor> {
-        super::on_workers::on_workers(self.device(), || self.run_paged(seqs, storage))
+        let mut parts = self.forward_paged_parts(seqs, storage, |_, logits| Ok(logits))?;
+        Ok(match parts.len() {
+            1 => parts.remove(0),
+            _ => Tensor::cat(&parts, 0)?,
+        })
     }
 
-    fn run_paged(&self, seqs: &[PagedSeq<'_>], storage: &mut KvStorage) -> Result<Tensor> {
+    /// [`Model::forward_paged`] handing each part of the batch's logits (`[rows, vocab]` of the
+    /// sequences `seqs[range]`) to `finish` on the thread that ran the part, and returning what
+    /// it makes, in order. The step batcher makes its greedy choices there, side by side like
+    /// the parts, and never copies the parts' logits into one tensor (at 16 sequences of the
+    /// shipped model, 1.1–1.6 MB and 0.15 ms a round on the 2-core Xeon).
+    pub fn forward_paged_parts<R: Send>(
+        &self,
+        seqs: &[PagedSeq<'_>],
+        storage: &mut KvStorage,
+        finish: impl Fn(Range<usize>, Tensor) -> Result<R> + Sync,
+    ) -> Result<Vec<R>> {
+        super::on_workers::on_workers(self.device(), || self.run_paged(seqs, storage, &finish))
+    }
+
+    fn run_paged<R: Send>(
+        &self,
+        seqs: &[PagedSeq<'_>],
+        storage: &mut KvStorage,
+        finish: &(impl Fn(Range<usize>, Tensor) -> Result<R> + Sync),
+    ) -> Result<Vec<R>> {
         let shape = *storage.shape();
         if shape != self.attention_shape(shape.page_size) {
             return Err(EngineError::Input(format!(
@@ -84,7 +107,7 @@ impl Model {
                 Some(&device_batch),
                 LayerPages::Device(pages),
             )?;
-            return Ok(logits);
+            return Ok(vec![finish(0..seqs.len(), logits)?]);
         }
         let workers = match crate::switches::WHOLE_BATCH.on() {
             true => 1,
@@ -97,17 +120,13 @@ impl Model {
             .map(|range| {
                 let layout = Layout::of(&seqs[range.clone()]);
                 let (logits, kv) = self.run_layers(&layout, shape, None, LayerPages::Host(host))?;
-                Ok((logits, kv, layout.commits))
+                Ok((finish(range.clone(), logits)?, kv, layout.commits))
             })
             .collect::<Result<Vec<_>>>()?;
         for (range, (_, kv, commits)) in parts.iter().zip(&runs) {
             write_commits(storage, &seqs[range.clone()], commits, kv)?;
         }
-        let mut logits: Vec<Tensor> = runs.into_iter().map(|(l, _, _)| l).collect();
-        Ok(match logits.len() {
-            1 => logits.remove(0),
-            _ => Tensor::cat(&logits, 0)?,
-        })
+        Ok(runs.into_iter().map(|(made, _, _)| made).collect())
     }
 
     /// The layers and the LM head over one batch: logits `[rows, vocab]` and, from host pages,

@@ -233,42 +233,70 @@ pub(super) fn drive<'a, T>(
 }
 
 /// One round: the requests' sequences as one ragged paged forward, each answered with its rows
-/// (and, for a greedy sequence, their choices).
+/// (and, for a greedy sequence, their choices, made on the thread that ran its part of the
+/// batch).
 pub(super) fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<ForwardRequest>) {
     let seqs: Vec<PagedSeq> = requests.iter().map(ForwardRequest::seq).collect();
+    // Per request: how many logits rows it gets, and whether the batcher chooses for it.
+    let wants: Vec<(usize, Option<Greedy>)> = requests
+        .iter()
+        .map(|r| (r.logits.rows(&r.tokens).len(), r.greedy))
+        .collect();
+    let answer_part = |range: std::ops::Range<usize>, logits: candle_core::Tensor| {
+        let mut at = 0;
+        let rows: Vec<_> = wants[range]
+            .iter()
+            .map(|&(n, greedy)| {
+                at += n;
+                (at - n..at, greedy)
+            })
+            .collect();
+        let chosen = match crate::switches::PER_SEQUENCE_CHOICES.on() {
+            // A failure here leaves each greedy decoder to make its own choices, which reports
+            // it.
+            false => choices::choose(&logits, &rows).unwrap_or_default(),
+            true => Vec::new(),
+        };
+        let mut chosen = chosen.into_iter();
+        rows.iter()
+            .map(|(rows, _)| {
+                let chosen = chosen.next().flatten();
+                Ok(Logits {
+                    rows: logits.narrow(0, rows.start, rows.len())?,
+                    chosen,
+                })
+            })
+            .collect::<Result<Vec<Logits>>>()
+    };
     // On a GPU the round ends when its work is done there (the decoders would wait for it at
     // their first read anyway), so that the batcher's round time is the forward's.
-    let logits = model.forward_paged(&seqs, storage).and_then(|l| {
-        model.device().synchronize()?;
-        Ok(l)
-    });
-    let mut at = 0;
-    let parts: Vec<_> = requests
-        .iter()
-        .map(|r| {
-            let n = r.logits.rows(&r.tokens).len();
-            at += n;
-            (at - n..at, r.greedy)
-        })
-        .collect();
-    let mut chosen = match &logits {
-        // A failure here leaves each greedy decoder to make its own choices, which reports it.
-        Ok(l) if !crate::switches::PER_SEQUENCE_CHOICES.on() => {
-            choices::choose(l, &parts).unwrap_or_default()
+    let answers = model
+        .forward_paged_parts(&seqs, storage, answer_part)
+        .and_then(|parts| {
+            model.device().synchronize()?;
+            let answers: Vec<Logits> = parts.into_iter().flatten().collect();
+            match answers.len() == requests.len() {
+                true => Ok(answers),
+                // Never leave a decoder waiting for an answer that is not coming.
+                false => Err(EngineError::Input(format!(
+                    "{} answers for {} requests",
+                    answers.len(),
+                    requests.len()
+                ))),
+            }
+        });
+    match answers {
+        Ok(answers) => {
+            for (r, answer) in requests.iter().zip(answers) {
+                r.answer.give(Ok(answer));
+            }
         }
-        _ => Vec::new(),
-    }
-    .into_iter();
-    for (r, (rows, _)) in requests.iter().zip(&parts) {
-        let chosen = chosen.next().flatten();
-        let answer = match &logits {
-            Ok(l) => l
-                .narrow(0, rows.start, rows.len())
-                .map(|rows| Logits { rows, chosen })
-                .map_err(EngineError::from),
-            Err(e) => Err(EngineError::Input(format!("batched forward: {e}"))),
-        };
-        r.answer.give(answer);
+        Err(e) => {
+            for r in &requests {
+                r.answer
+                    .give(Err(EngineError::Input(format!("batched forward: {e}"))));
+            }
+        }
     }
 }
 
