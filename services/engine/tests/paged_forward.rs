@@ -212,3 +212,80 @@ fn a_prompt_whose_beginning_is_cached_gives_the_logits_of_a_cold_run() {
     let diff = max_abs_diff(&cold_tail, &warm_logits);
     assert!(diff <= 1e-4, "{diff}");
 }
+
+/// Each step's logits (as bits) for prompts of these lengths, prefilled and then given one
+/// denoising step of a 4-token block that reads the committed pages, run on `workers` rayon
+/// workers: a CPU forward splits its batch into one part per worker, one part on one.
+fn prefill_then_denoise(model: &Model, prompt_lens: &[usize], workers: usize) -> Vec<Vec<u32>> {
+    let mask = model.config().diffusion.mask_token_id.unwrap();
+    let prompts: Vec<Vec<u32>> = prompt_lens
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| 10 + ((i * 31 + s * 97) % 3000) as u32)
+                .collect()
+        })
+        .collect();
+    let blocks: Vec<Vec<u32>> = prompts.iter().map(|_| vec![mask; 4]).collect();
+    let pool = PagePool::new(128, 4);
+    let mut storage = KvStorage::new(
+        model.config().num_hidden_layers,
+        pool.total(),
+        model.attention_shape(4),
+    );
+    let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::new()).collect();
+    for (table, p) in tables.iter_mut().zip(&prompts) {
+        table.commit(&pool, p).unwrap();
+    }
+    let step = |inputs: &[Vec<u32>], prefill: bool, storage: &mut KvStorage| {
+        let seqs: Vec<PagedSeq<'_>> = tables
+            .iter()
+            .zip(inputs)
+            .zip(&prompts)
+            .map(|((t, tokens), p)| PagedSeq {
+                tokens,
+                table: t.view(),
+                context: if prefill { 0 } else { p.len() },
+                query_block: if prefill { 1 } else { 4 },
+                commit: if prefill { p.len() } else { 0 },
+                logits: LogitRows::All,
+            })
+            .collect();
+        let logits = model.forward_paged(&seqs, storage).unwrap();
+        let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    let workers = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()
+        .unwrap();
+    workers.install(|| {
+        vec![
+            step(&prompts, true, &mut storage),
+            step(&blocks, false, &mut storage),
+        ]
+    })
+}
+
+#[test]
+fn a_batch_run_in_parts_side_by_side_gives_the_logits_of_one_part_bit_for_bit() {
+    // f32 products split a batch from 128 tokens a part on: 300 prompt tokens, then 7 blocks.
+    let model = shipped_model();
+    let lens = [39, 60, 24, 57, 46, 32, 42];
+    let one_part = prefill_then_denoise(&model, &lens, 1);
+    assert!(prefill_then_denoise(&model, &lens, 2) == one_part);
+}
+
+#[test]
+fn with_bf16_products_parts_of_a_long_batch_give_the_logits_of_one_part_bit_for_bit() {
+    // The AMX products compute each row alone, whatever the rows beside it.
+    let mut model = shipped_model();
+    if let Err(e) = model.set_matmul_precision(sdlm_engine::MatmulPrecision::Bf16) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let lens = [9, 30, 4, 17, 26, 12, 40];
+    let one_part = prefill_then_denoise(&model, &lens, 1);
+    assert!(prefill_then_denoise(&model, &lens, 2) == one_part);
+}

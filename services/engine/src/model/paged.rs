@@ -26,9 +26,13 @@ use super::Model;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvStorage, TableView};
 
-/// Tokens a part of a batch has at least when a CPU forward splits it: below this, a part's
-/// products are bound by reading the weights, which every part reads in full.
-const PART_TOKENS: usize = 16;
+/// Tokens a part of a batch has at least when a CPU forward splits it, by matmul precision:
+/// below this, a part's products are bound by reading the weights, which every part reads in
+/// full. The AMX tiles are compute-bound from a few rows on; the f32 products of up to 64 rows
+/// (`f32_rows`) read every weight for each group of rows, and split into parts of about 47
+/// rows at 16 sequences they were 9–10% slower than one batch with each product split.
+const PART_TOKENS_BF16: usize = 16;
+const PART_TOKENS_F32: usize = 128;
 
 /// One sequence's part of a paged forward.
 #[derive(Clone, Copy, Debug)]
@@ -113,7 +117,11 @@ impl Model {
             true => 1,
             false => rayon::current_num_threads(),
         };
-        let parts = parts(seqs, workers);
+        let min_tokens = match self.matmul_precision {
+            super::MatmulPrecision::Bf16 => PART_TOKENS_BF16,
+            super::MatmulPrecision::F32 => PART_TOKENS_F32,
+        };
+        let parts = parts(seqs, workers, min_tokens);
         let host: &KvStorage = storage;
         let runs = parts
             .par_iter()
@@ -176,10 +184,10 @@ fn check(seqs: &[PagedSeq<'_>]) -> Result<()> {
 }
 
 /// The batch's sequences in consecutive parts of about equal token counts, at most `workers`
-/// of them and each of at least [`PART_TOKENS`] tokens (one part when the batch is smaller).
-fn parts(seqs: &[PagedSeq<'_>], workers: usize) -> Vec<Range<usize>> {
+/// of them and each of at least `min_tokens` tokens (one part when the batch is smaller).
+fn parts(seqs: &[PagedSeq<'_>], workers: usize, min_tokens: usize) -> Vec<Range<usize>> {
     let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-    let count = workers.min(seqs.len()).min(tokens / PART_TOKENS).max(1);
+    let count = workers.min(seqs.len()).min(tokens / min_tokens).max(1);
     let mut parts = Vec::with_capacity(count);
     let (mut start, mut seen) = (0, 0);
     for (i, s) in seqs.iter().enumerate() {
@@ -319,18 +327,18 @@ mod tests {
         const FORTY: &[u32] = &[1; 40];
         // 16 blocks of 4 tokens on 2 workers: 8 and 8.
         let blocks = vec![seq(FOUR); 16];
-        assert_eq!(parts(&blocks, 2), [0..8, 8..16]);
+        assert_eq!(parts(&blocks, 2, 16), [0..8, 8..16]);
         // One worker, one sequence, or too few tokens: one part.
         let one = |r: Range<usize>| vec![r];
-        assert_eq!(parts(&blocks, 1), one(0..16));
-        assert_eq!(parts(&blocks[..1], 2), one(0..1));
-        assert_eq!(parts(&blocks[..3], 2), one(0..3));
+        assert_eq!(parts(&blocks, 1, 16), one(0..16));
+        assert_eq!(parts(&blocks[..1], 2, 16), one(0..1));
+        assert_eq!(parts(&blocks[..3], 2, 16), one(0..3));
         // A long prompt chunk first: it is a part of its own.
         let mut mixed = vec![seq(FORTY)];
         mixed.extend(vec![seq(FOUR); 10]);
-        assert_eq!(parts(&mixed, 2), [0..1, 1..11]);
-        // More workers than a batch fills: each part keeps at least PART_TOKENS tokens.
-        let parts16 = parts(&blocks, 16);
+        assert_eq!(parts(&mixed, 2, 16), [0..1, 1..11]);
+        // More workers than a batch fills: each part keeps at least its minimum of tokens.
+        let parts16 = parts(&blocks, 16, 16);
         assert_eq!(parts16.len(), 4);
         let mut next = 0;
         for p in &parts16 {
