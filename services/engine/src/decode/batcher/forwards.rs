@@ -242,36 +242,15 @@ pub(super) fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<Fo
         .iter()
         .map(|r| (r.logits.rows(&r.tokens).len(), r.greedy))
         .collect();
-    let answer_part = |range: std::ops::Range<usize>, logits: candle_core::Tensor| {
-        let mut at = 0;
-        let rows: Vec<_> = wants[range]
-            .iter()
-            .map(|&(n, greedy)| {
-                at += n;
-                (at - n..at, greedy)
-            })
-            .collect();
-        let chosen = match crate::switches::PER_SEQUENCE_CHOICES.on() {
-            // A failure here leaves each greedy decoder to make its own choices, which reports
-            // it.
-            false => choices::choose(&logits, &rows).unwrap_or_default(),
-            true => Vec::new(),
-        };
-        let mut chosen = chosen.into_iter();
-        rows.iter()
-            .map(|(rows, _)| {
-                let chosen = chosen.next().flatten();
-                Ok(Logits {
-                    rows: logits.narrow(0, rows.start, rows.len())?,
-                    chosen,
-                })
-            })
-            .collect::<Result<Vec<Logits>>>()
-    };
     // On a GPU the round ends when its work is done there (the decoders would wait for it at
     // their first read anyway), so that the batcher's round time is the forward's.
     let answers = model
-        .forward_paged_parts(&seqs, storage, answer_part)
+        .forward_paged_parts(&seqs, storage, |range, logits| {
+            let wants = wants.get(range.clone()).ok_or_else(|| {
+                EngineError::Input(format!("part {range:?} of {} requests", wants.len()))
+            })?;
+            answer_part(wants, &logits)
+        })
         .and_then(|parts| {
             model.device().synchronize()?;
             let answers: Vec<Logits> = parts.into_iter().flatten().collect();
@@ -298,6 +277,36 @@ pub(super) fn run_round(model: &Model, storage: &mut KvStorage, requests: Vec<Fo
             }
         }
     }
+}
+
+/// One part's answers: for each of its requests (how many logits rows it gets, and whether
+/// the batcher chooses for it), its rows of `logits` and, for a greedy one, their choices.
+fn answer_part(
+    wants: &[(usize, Option<Greedy>)],
+    logits: &candle_core::Tensor,
+) -> Result<Vec<Logits>> {
+    let mut at = 0;
+    let rows: Vec<_> = wants
+        .iter()
+        .map(|&(n, greedy)| {
+            at += n;
+            (at - n..at, greedy)
+        })
+        .collect();
+    let chosen = match crate::switches::PER_SEQUENCE_CHOICES.on() {
+        // A failure here leaves each greedy decoder to make its own choices, which reports it.
+        false => choices::choose(logits, &rows).unwrap_or_default(),
+        true => Vec::new(),
+    };
+    let mut chosen = chosen.into_iter();
+    rows.iter()
+        .map(|(rows, _)| {
+            Ok(Logits {
+                rows: logits.narrow(0, rows.start, rows.len())?,
+                chosen: chosen.next().flatten(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
