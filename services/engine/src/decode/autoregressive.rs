@@ -30,7 +30,7 @@ impl<'m> AutoregressiveDecoder<'m> {
         params: &DecodingParams,
         mut cache: Box<dyn SequenceCache + 'm>,
     ) -> Result<Self> {
-        let banned = model.config().diffusion.mask_token_id;
+        let banned = super::rows::never_chosen(model.config());
         let reader = RowReader::new(model.device().is_cuda(), params, banned);
         let (last_logits, stats) = prefill(model, prompt, cache.as_mut(), &reader).await?;
         Ok(Self {

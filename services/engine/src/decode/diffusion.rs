@@ -50,7 +50,8 @@ impl<'m> DiffusionDecoder<'m> {
         let mask_id = config.diffusion.mask_token_id.ok_or_else(|| {
             EngineError::Input("diffusion decoding needs the model's mask_token_id".into())
         })?;
-        let reader = RowReader::new(model.device().is_cuda(), params, Some(mask_id));
+        let banned = super::rows::never_chosen(config);
+        let reader = RowReader::new(model.device().is_cuda(), params, banned);
         let (last_logits, stats) = prefill(model, prompt, cache.as_mut(), &reader).await?;
         Ok(Self {
             model,

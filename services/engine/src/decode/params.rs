@@ -119,8 +119,6 @@ impl DecodingParams {
         }
     }
 
-    /// Checks every field against its range and the model; the message names the field and
-    /// the limit.
     /// Whether a decoder reads nothing of a logits row but its arg max and that token's
     /// probability: temperature 0 (no draws from the distribution) and no self-correction
     /// (which reads every token's probability).
@@ -128,6 +126,8 @@ impl DecodingParams {
         self.temperature == 0.0 && !self.refine
     }
 
+    /// Checks every field against its range and the model; the message names the field and
+    /// the limit.
     pub fn validate(&self, config: &ModelConfig, prompt_tokens: usize) -> Result<(), String> {
         self.validate_for(&ModelLimits::of(config), prompt_tokens)
     }

@@ -44,6 +44,13 @@ pub(crate) struct RowReader {
     banned: Option<u32>,
 }
 
+/// The token no decoder ever chooses: the model's mask token (it stands for "not decoded yet").
+/// Decoders ban it in their readers and the step batcher in the choices it makes for them; the
+/// two must agree for a reader to take the batcher's choices.
+pub(crate) fn never_chosen(config: &crate::config::ModelConfig) -> Option<u32> {
+    config.diffusion.mask_token_id
+}
+
 impl RowReader {
     /// Choices are made on the device when the logits are on a GPU and nothing but the greedy
     /// choice is read: temperature 0 (no draws from the distribution) and no self-correction

@@ -114,7 +114,7 @@ impl<'m> Entry<'m> {
                     pool: pool.clone(),
                     shared: Arc::clone(shared),
                     greedy: self.params.reads_greedy_choices_only().then_some(Greedy {
-                        banned: model.config().diffusion.mask_token_id,
+                        banned: super::rows::never_chosen(model.config()),
                     }),
                 };
                 let started = decoder_resuming_in(
