@@ -21,6 +21,8 @@
 
 use rayon::prelude::*;
 
+use super::bf16_lines::Bf16Lines;
+
 /// Outputs per weight tile, and input rows per accumulator tile.
 const TILE: usize = 16;
 /// Inputs per tile (16 pairs of bf16: 64 bytes, a tile row).
@@ -82,8 +84,9 @@ pub(crate) struct Bf16Tiles {
     n: usize,
     k: usize,
     /// Tiles of [`TILE`] outputs × [`DEPTH`] inputs, output blocks outer, input blocks inner
-    /// (a task reads its outputs' tiles front to back); each `TILE × DEPTH` values.
-    tiles: Vec<u16>,
+    /// (a task reads its outputs' tiles front to back); each `TILE × DEPTH` values, on cache
+    /// lines.
+    tiles: Bf16Lines,
 }
 
 impl Bf16Tiles {
@@ -91,8 +94,8 @@ impl Bf16Tiles {
     pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> Self {
         debug_assert_eq!(w.len(), n * k);
         let (nb, kb) = (n.div_ceil(TILE), k.div_ceil(DEPTH));
-        let mut tiles = vec![0u16; nb * kb * TILE * DEPTH];
-        for (t, tile) in tiles.chunks_mut(TILE * DEPTH).enumerate() {
+        let mut tiles = Bf16Lines::zeroed(nb * kb * TILE * DEPTH);
+        for (t, tile) in tiles.as_mut_slice().chunks_mut(TILE * DEPTH).enumerate() {
             let (ob, ib) = (t / kb, t % kb);
             for o in 0..TILE.min(n - ob * TILE) {
                 let row = &w[(ob * TILE + o) * k..(ob * TILE + o + 1) * k];
@@ -122,7 +125,7 @@ impl Bf16Tiles {
         // store every output, each row of each output block once (`Target::store`).
         let mut out: Vec<f32> = Vec::with_capacity(m * self.n);
         let blocks = self.n.div_ceil(TILE);
-        let parallel = self.tiles.len() * 2 >= PARALLEL_FROM_BYTES;
+        let parallel = self.tiles.as_slice().len() * 2 >= PARALLEL_FROM_BYTES;
         let per_task = match parallel {
             true => BLOCKS_PER_TASK,
             false => blocks,
@@ -136,7 +139,7 @@ impl Bf16Tiles {
             let range = t * per_task..blocks.min((t + 1) * per_task);
             // SAFETY: `available()` held above: the CPU has AMX and the OS granted its state;
             // tasks write disjoint output blocks of `out`, which outlives them.
-            unsafe { self.fill_blocks(&input, kb, range, &target) }
+            unsafe { self.fill_blocks(input.as_slice(), kb, range, &target) }
         };
         let tasks = blocks.div_ceil(per_task);
         if parallel {
@@ -170,7 +173,8 @@ impl Bf16Tiles {
         target: &Target,
     ) {
         let (tile_values, width) = (TILE * DEPTH, kb * DEPTH);
-        let weights = |ob: usize| &self.tiles[ob * kb * tile_values..][..kb * tile_values];
+        let tiles = self.tiles.as_slice();
+        let weights = |ob: usize| &tiles[ob * kb * tile_values..][..kb * tile_values];
         let config = TileConfig::new();
         amx::load_config(&config);
         let mut ob = blocks.start;
@@ -226,11 +230,11 @@ impl Bf16Tiles {
     }
 }
 
-/// The rows `x [m, k]` in bf16, each padded with zeros to `width`, and zero rows up to a whole
-/// tile (a tile load reads 16 rows).
-fn bf16_rows(x: &[f32], m: usize, k: usize, width: usize) -> Vec<u16> {
-    let mut input = vec![0u16; m.div_ceil(TILE) * TILE * width];
-    for (dst, src) in input.chunks_mut(width).zip(x.chunks(k)) {
+/// The rows `x [m, k]` in bf16, each padded with zeros to `width` (whole lines), and zero rows
+/// up to a whole tile (a tile load reads 16 rows).
+fn bf16_rows(x: &[f32], m: usize, k: usize, width: usize) -> Bf16Lines {
+    let mut input = Bf16Lines::zeroed(m.div_ceil(TILE) * TILE * width);
+    for (dst, src) in input.as_mut_slice().chunks_mut(width).zip(x.chunks(k)) {
         super::bf16_round::round_into(src, &mut dst[..k]);
     }
     input
@@ -262,13 +266,16 @@ impl Target {
             unsafe { amx::store(acc, at, self.n * 4) };
             return;
         }
-        let mut tile = [0f32; TILE * TILE];
+        // On a line, as the tile loads (`Bf16Lines`): a store across lines took twice as long.
+        #[repr(align(64))]
+        struct Rows([f32; TILE * TILE]);
+        let mut tile = Rows([0f32; TILE * TILE]);
         // SAFETY: `tile` holds 16 rows of 16 values at stride 64 bytes.
-        unsafe { amx::store(acc, tile.as_mut_ptr(), TILE * 4) };
+        unsafe { amx::store(acc, tile.0.as_mut_ptr(), TILE * 4) };
         for r in 0..rows {
             // SAFETY: row + r < m and col + cols <= n.
             let dst = unsafe { std::slice::from_raw_parts_mut(at.add(r * self.n), cols) };
-            dst.copy_from_slice(&tile[r * TILE..r * TILE + cols]);
+            dst.copy_from_slice(&tile.0[r * TILE..r * TILE + cols]);
         }
     }
 }

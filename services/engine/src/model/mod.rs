@@ -6,6 +6,7 @@
 //! positions, and decoding attends bidirectionally inside a block.
 
 mod amx_bf16;
+mod bf16_lines;
 mod bf16_round;
 mod cache;
 mod f32_rows;
