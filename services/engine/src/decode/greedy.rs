@@ -200,7 +200,7 @@ mod tests {
     }
 
     #[test]
-    fn both_builds_give_the_same_bits() {
+    fn every_build_gives_the_same_bits() {
         if !wide_simd() {
             eprintln!("skipped: this CPU has no AVX2");
             return;
@@ -220,5 +220,11 @@ mod tests {
         };
         assert_eq!(portable.token, wide.token);
         assert_eq!(portable.confidence.to_bits(), wide.confidence.to_bits());
+        if crate::simd::avx512() {
+            // SAFETY: checked just above.
+            let widest = unsafe { op.run::<crate::simd::Avx512>() };
+            assert_eq!(portable.token, widest.token);
+            assert_eq!(portable.confidence.to_bits(), widest.confidence.to_bits());
+        }
     }
 }

@@ -242,9 +242,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Random ragged batches (prefill chunks, diffusion blocks, single AR rows; pages scattered)
-    /// give the reference's outputs, and the portable and AVX2 builds give the same bits.
+    /// give the reference's outputs, and the portable, AVX2 and AVX-512 builds give the same
+    /// bits.
     #[test]
-    fn matches_the_reference_on_random_ragged_batches_in_both_builds() {
+    fn matches_the_reference_on_random_ragged_batches_in_every_build() {
         let mut rng = StdRng::seed_from_u64(7);
         for _ in 0..30 {
             let shape = AttentionShape {
@@ -329,6 +330,22 @@ mod tests {
                         .iter()
                         .zip(&wide)
                         .all(|(a, b)| a.to_bits() == b.to_bits()));
+                    if crate::simd::avx512() {
+                        let mut widest = vec![0f32; h * d];
+                        // SAFETY: checked just above.
+                        unsafe {
+                            keys.attend::<crate::simd::Avx512>(
+                                q_row,
+                                0.25,
+                                &mut widest,
+                                &mut scores,
+                            )
+                        };
+                        assert!(portable
+                            .iter()
+                            .zip(&widest)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()));
+                    }
                     assert_eq!(portable, got[token * h * d..][..h * d]);
                 }
             }

@@ -155,7 +155,7 @@ mod tests {
     }
 
     #[test]
-    fn both_builds_give_the_same_bits() {
+    fn every_build_gives_the_same_bits() {
         if !wide_simd() {
             eprintln!("skipped: this CPU has no AVX2");
             return;
@@ -169,6 +169,11 @@ mod tests {
             op.run::<crate::simd::Avx2>(&mut b);
         }
         assert_eq!(a, b);
+        if crate::simd::avx512() {
+            // SAFETY: checked just above.
+            unsafe { op.run::<crate::simd::Avx512>(&mut b) };
+            assert_eq!(a, b, "the AVX-512 build");
+        }
         #[cfg(target_arch = "x86_64")]
         if hardware::available() {
             let mut c = vec![0u16; src.len()];
