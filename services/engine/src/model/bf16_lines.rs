@@ -54,7 +54,11 @@ mod tests {
             for (i, v) in lines.as_mut_slice().iter_mut().enumerate() {
                 *v = i as u16;
             }
-            assert!(lines.as_slice().iter().enumerate().all(|(i, &v)| v == i as u16));
+            assert!(lines
+                .as_slice()
+                .iter()
+                .enumerate()
+                .all(|(i, &v)| v == i as u16));
         }
     }
 }
