@@ -38,3 +38,6 @@ pub(crate) static SLEEPING_WORKERS: Switch = Switch::new("SDLM_SLEEPING_WORKERS"
 /// `SDLM_WHOLE_BATCH=1`: a CPU paged forward runs its batch as one part, each op split across
 /// rayon's workers, instead of parts side by side.
 pub(crate) static WHOLE_BATCH: Switch = Switch::new("SDLM_WHOLE_BATCH");
+/// `SDLM_EVERY_ROW_TO_THE_END=1`: a CPU paged forward takes every row through its last layer's
+/// attention and MLP, not only the rows whose logits are wanted.
+pub(crate) static EVERY_ROW_TO_THE_END: Switch = Switch::new("SDLM_EVERY_ROW_TO_THE_END");

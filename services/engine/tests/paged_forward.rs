@@ -289,3 +289,97 @@ fn with_bf16_products_parts_of_a_long_batch_give_the_logits_of_one_part_bit_for_
     let one_part = prefill_then_denoise(&model, &lens, 1);
     assert!(prefill_then_denoise(&model, &lens, 2) == one_part);
 }
+
+/// Two steps of three sequences (a prefill, then a 4-token block reading the committed pages),
+/// each sequence asking for the logits `rows(sequence, prefill)`: each step's logits as bits,
+/// `[rows, vocab]` flattened.
+fn two_steps_asking(model: &Model, rows: impl Fn(usize, bool) -> LogitRows) -> Vec<Vec<u32>> {
+    let mask = model.config().diffusion.mask_token_id.unwrap();
+    let prompts: Vec<Vec<u32>> = [9usize, 30, 17]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| 10 + ((i * 37 + s * 89) % 3000) as u32)
+                .collect()
+        })
+        .collect();
+    // Blocks part decoded, as a denoising step sees them.
+    let blocks = [
+        vec![mask, 40, mask, 41],
+        vec![42, mask, mask, mask],
+        vec![mask; 4],
+    ];
+    let pool = PagePool::new(64, 4);
+    let mut storage = KvStorage::new(
+        model.config().num_hidden_layers,
+        pool.total(),
+        model.attention_shape(4),
+    );
+    let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::new()).collect();
+    for (table, p) in tables.iter_mut().zip(&prompts) {
+        table.commit(&pool, p).unwrap();
+    }
+    let mut step = |inputs: &[Vec<u32>], prefill: bool| {
+        let seqs: Vec<PagedSeq<'_>> = tables
+            .iter()
+            .zip(inputs)
+            .zip(&prompts)
+            .enumerate()
+            .map(|(s, ((t, tokens), p))| PagedSeq {
+                tokens,
+                table: t.view(),
+                context: if prefill { 0 } else { p.len() },
+                query_block: if prefill { 1 } else { 4 },
+                commit: if prefill { p.len() } else { 0 },
+                logits: rows(s, prefill),
+            })
+            .collect();
+        let logits = model.forward_paged(&seqs, &mut storage).unwrap();
+        let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    vec![step(&prompts, true), step(&blocks, false)]
+}
+
+#[test]
+fn the_last_layer_runs_only_the_wanted_rows_and_their_logits_are_those_of_every_row() {
+    let mut model = shipped_model();
+    let mask = model.config().diffusion.mask_token_id.unwrap();
+    let vocab = model.config().vocab_size;
+    // Prefill: the last row of the first prompt, none of the second, all of the third; block:
+    // the masked rows of the first, the second's from its second token, all of the third.
+    let picked = |s: usize, prefill: bool| match (s, prefill) {
+        (0, true) => LogitRows::Last,
+        (1, true) => LogitRows::None,
+        (0, false) => LogitRows::Masked {
+            first: 0,
+            mask_id: mask,
+        },
+        (1, false) => LogitRows::From(1),
+        _ => LogitRows::All,
+    };
+    // Those rows among every row of each step: prompts of 9, 30 and 17 tokens, blocks of 4.
+    let wanted: [Vec<usize>; 2] = [
+        std::iter::once(8).chain(39..56).collect(),
+        [0, 2, 5, 6, 7, 8, 9, 10, 11].to_vec(),
+    ];
+    for precision in [
+        sdlm_engine::MatmulPrecision::F32,
+        sdlm_engine::MatmulPrecision::Bf16,
+    ] {
+        if let Err(e) = model.set_matmul_precision(precision) {
+            eprintln!("{precision:?} skipped: {e}");
+            continue;
+        }
+        let every = two_steps_asking(&model, |_, _| LogitRows::All);
+        let some = two_steps_asking(&model, picked);
+        for (step, rows) in wanted.iter().enumerate() {
+            let want: Vec<u32> = rows
+                .iter()
+                .flat_map(|&r| every[step][r * vocab..(r + 1) * vocab].iter().copied())
+                .collect();
+            assert!(some[step] == want, "{precision:?}, step {step}");
+        }
+    }
+}

@@ -15,7 +15,10 @@ use sdlm_kernels::{AttentionShape, KernelError, RaggedBatch};
 
 use crate::simd::{axpy, dispatch, dot, dot_fixed, exp_shifted, wide_simd, Build};
 
-/// `out[t, h] = softmax(scale · q[t, h] · K) V`, as the reference; f32 throughout.
+/// `out[t, h] = softmax(scale · q[t, h] · K) V`, as the reference; f32 throughout. With
+/// `queries`, only those tokens of the batch (indices, in order) attend, each output row the
+/// next of `out`: the last layer of a forward needs only the rows whose logits are wanted, while
+/// every token's keys and values (`k_new`, `v_new`) are still there to be seen.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     shape: &AttentionShape,
@@ -26,6 +29,7 @@ pub fn paged_attention(
     k_pages: &[f32],
     v_pages: &[f32],
     scale: f32,
+    queries: Option<&[usize]>,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     let num_pages = k_pages.len() / shape.page_elems().max(1);
@@ -33,7 +37,15 @@ pub fn paged_attention(
     let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     let expect = sdlm_kernels::check_len;
     expect("q", q.len(), stats.num_tokens * h * d)?;
-    expect("out", out.len(), stats.num_tokens * h * d)?;
+    let rows = queries.map_or(stats.num_tokens, <[usize]>::len);
+    expect("out", out.len(), rows * h * d)?;
+    if let Some(&t) = queries.and_then(|qs| qs.iter().find(|&&t| t >= stats.num_tokens)) {
+        return Err(KernelError::OutOfRange {
+            field: "queries",
+            value: t as i64,
+            limit: format!("a batch of {} tokens", stats.num_tokens),
+        });
+    }
     expect("k_new", k_new.len(), stats.num_tokens * kvh * d)?;
     expect("v_new", v_new.len(), stats.num_tokens * kvh * d)?;
     expect("k_pages", k_pages.len(), num_pages * shape.page_elems())?;
@@ -48,7 +60,8 @@ pub fn paged_attention(
     let wide = wide_simd();
     out.par_chunks_mut(h * d)
         .enumerate()
-        .for_each_init(Vec::new, |scores, (token, out_row)| {
+        .for_each_init(Vec::new, |scores, (row, out_row)| {
+            let token = queries.map_or(row, |qs| qs[row]);
             let s = seq_of[token];
             let q0 = batch.query_starts[s] as usize;
             let qlen = batch.query_starts[s + 1] as usize - q0;
@@ -296,9 +309,29 @@ mod tests {
             .unwrap();
             let mut got = vec![f32::NAN; tokens * h * d];
             paged_attention(
-                &shape, &batch, &q, &k_new, &v_new, &k_pages, &v_pages, 0.25, &mut got,
+                &shape, &batch, &q, &k_new, &v_new, &k_pages, &v_pages, 0.25, None, &mut got,
             )
             .unwrap();
+            // Every other token alone: the rows of all of them.
+            let some: Vec<usize> = (0..tokens).step_by(2).collect();
+            let mut picked = vec![f32::NAN; some.len() * h * d];
+            let queries = Some(some.as_slice());
+            paged_attention(
+                &shape,
+                &batch,
+                &q,
+                &k_new,
+                &v_new,
+                &k_pages,
+                &v_pages,
+                0.25,
+                queries,
+                &mut picked,
+            )
+            .unwrap();
+            for (row, &t) in some.iter().enumerate() {
+                assert_eq!(picked[row * h * d..][..h * d], got[t * h * d..][..h * d]);
+            }
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5, "{g} vs {w} ({shape:?})");
             }
@@ -350,5 +383,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_query_token_outside_the_batch_is_an_error_naming_it() {
+        let shape = AttentionShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 8,
+            page_size: 4,
+        };
+        let batch = RaggedBatch {
+            query_starts: &[0, 3],
+            context_lens: &[0],
+            query_blocks: &[1],
+            block_tables: &[0],
+            max_pages_per_seq: 1,
+        };
+        let q = vec![0.5f32; 3 * 2 * 8];
+        let kv = vec![0.5f32; 3 * 8];
+        let pages = vec![0f32; shape.page_elems()];
+        let mut out = vec![0f32; 2 * 8];
+        let err = paged_attention(
+            &shape,
+            &batch,
+            &q,
+            &kv,
+            &kv,
+            &pages,
+            &pages,
+            1.0,
+            Some(&[3]),
+            &mut out,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("queries") && err.contains('3'), "{err}");
     }
 }

@@ -356,7 +356,8 @@ impl Attention {
 
     /// Attention of a ragged batch `x` (`[1, tokens, hidden]`, each sequence's tokens at their
     /// own positions) over the paged cache of `layer`. Device pages get the committed rows' K/V
-    /// as the kernel runs; from host pages the new tokens' K/V come back to be written.
+    /// as the kernel runs; from host pages the new tokens' K/V come back to be written, and
+    /// with `queries` only those tokens attend (the output has their rows).
     fn forward_paged(
         &self,
         x: &Tensor,
@@ -365,6 +366,7 @@ impl Attention {
         step: &PagedStep<'_>,
         pages: &mut LayerPages<'_>,
         layer: usize,
+        queries: Option<&[usize]>,
     ) -> Result<(Tensor, Option<NewKv>)> {
         let (_, len, _) = x.dims3()?;
         let scale = 1.0 / (self.head_dim as f32).sqrt();
@@ -385,7 +387,8 @@ impl Attention {
             LayerPages::Host(storage) => storage,
         };
         let (q, k, v) = self.qkv_rows(x, cos, sin, step)?;
-        let mut out = vec![0f32; len * self.heads * self.head_dim];
+        let rows = queries.map_or(len, <[usize]>::len);
+        let mut out = vec![0f32; rows * self.heads * self.head_dim];
         let (k_pages, v_pages) = storage.layer(layer).ok_or_else(|| {
             candle_core::Error::Msg(format!("layer {layer}: no KV pages in host memory"))
         })?;
@@ -398,10 +401,11 @@ impl Attention {
             k_pages,
             v_pages,
             scale,
+            queries,
             &mut out,
         )
         .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
-        let out = Tensor::from_vec(out, (1, len, self.heads * self.head_dim), x.device())?
+        let out = Tensor::from_vec(out, (1, rows, self.heads * self.head_dim), x.device())?
             .to_dtype(x.dtype())?;
         Ok((self.o_proj.forward(&out)?, Some((k, v))))
     }
@@ -452,7 +456,11 @@ impl DecoderLayer {
     }
 
     /// [`DecoderLayer::forward`] for a ragged batch over the paged cache (inference only),
-    /// with the new tokens' K/V when the pages are in host memory.
+    /// with the new tokens' K/V when the pages are in host memory. With `rows` (host pages
+    /// only), every token's K/V are made but only those tokens go on through attention and the
+    /// MLP, and the output has their rows, in that order: the last layer's other rows would
+    /// feed nothing (no layer after it reads them, and their logits are not wanted). None of
+    /// them is an output of no rows.
     pub(super) fn forward_paged(
         &self,
         x: &Tensor,
@@ -461,12 +469,26 @@ impl DecoderLayer {
         step: &PagedStep<'_>,
         pages: &mut LayerPages<'_>,
         layer: usize,
+        rows: Option<&[usize]>,
     ) -> Result<(Tensor, Option<NewKv>)> {
         let normed = rms_norm(&self.input_layernorm, x, Ops::Fast)?;
+        if let (Some([]), LayerPages::Host(_)) = (rows, &pages) {
+            let (_, k, v) = self.self_attn.qkv_rows(&normed, cos, sin, step)?;
+            let hidden = x.dim(2)?;
+            return Ok((
+                Tensor::zeros((1, 0, hidden), x.dtype(), x.device())?,
+                Some((k, v)),
+            ));
+        }
+        let rows = rows.filter(|_| matches!(pages, LayerPages::Host(_)));
         let (h, kv) = self
             .self_attn
-            .forward_paged(&normed, cos, sin, step, pages, layer)?;
-        let (x, normed) = add_then_norm(x, &h, &self.post_attention_layernorm, Ops::Fast)?;
+            .forward_paged(&normed, cos, sin, step, pages, layer, rows)?;
+        let x = match rows {
+            Some(rows) => super::pick_rows(x, rows)?,
+            None => x.clone(),
+        };
+        let (x, normed) = add_then_norm(&x, &h, &self.post_attention_layernorm, Ops::Fast)?;
         Ok((add(&x, &self.mlp.forward(&normed)?, Ops::Fast)?, kv))
     }
 

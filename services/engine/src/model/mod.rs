@@ -300,18 +300,10 @@ impl Model {
     /// the dense and the paged forward.
     fn logits_of(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
         let (batch, vocab) = (x.dim(0)?, self.config.vocab_size);
-        let picked = match rows.first() {
-            None => return Ok(Tensor::zeros((batch, 0, vocab), DType::F32, x.device())?),
-            // Consecutive rows (all of them, a block, the last) are a view, not a copy.
-            Some(&first) if rows.windows(2).all(|w| w[1] == w[0] + 1) => {
-                x.narrow(1, first, rows.len())?
-            }
-            Some(_) => {
-                let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-                x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 1)?
-            }
-        };
-        let normed = layers::rms_norm(&self.norm, &picked, Ops::Fast)?;
+        if rows.is_empty() {
+            return Ok(Tensor::zeros((batch, 0, vocab), DType::F32, x.device())?);
+        }
+        let normed = layers::rms_norm(&self.norm, &pick_rows(x, rows)?, Ops::Fast)?;
         Ok(self.lm_head.forward(&normed)?.to_dtype(DType::F32)?)
     }
 
@@ -339,5 +331,17 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         self.embed_tokens.embeddings().device()
+    }
+}
+
+/// Rows `rows` (at least one) of `x` `[batch, tokens, hidden]` along the tokens: consecutive
+/// rows (all of them, a block, the last) as a view, others copied.
+fn pick_rows(x: &Tensor, rows: &[usize]) -> candle_core::Result<Tensor> {
+    match rows.first() {
+        Some(&first) if rows.windows(2).all(|w| w[1] == w[0] + 1) => x.narrow(1, first, rows.len()),
+        _ => {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 1)
+        }
     }
 }

@@ -158,12 +158,25 @@ impl Model {
         let input = Tensor::new(layout.ids.as_slice(), self.device())?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&input)?;
         let mut new_kv = Vec::new();
+        // The last layer takes the wanted rows on through attention and the MLP, and only
+        // those (host pages; the device kernel attends and commits every row as it goes).
+        let last = self.layers.len().saturating_sub(1);
+        let (on_host, all) = (
+            matches!(pages, LayerPages::Host(_)),
+            layout.wanted.len() == layout.ids.len(),
+        );
+        let picked = on_host && !all && !crate::switches::EVERY_ROW_TO_THE_END.on();
         for (index, layer) in self.layers.iter().enumerate() {
-            let (out, kv) = layer.forward_paged(&x, &cos, &sin, &step, &mut pages, index)?;
+            let rows = (picked && index == last).then_some(layout.wanted.as_slice());
+            let (out, kv) = layer.forward_paged(&x, &cos, &sin, &step, &mut pages, index, rows)?;
             x = out;
             new_kv.extend(kv);
         }
-        Ok((self.logits_of(&x, &layout.wanted)?.squeeze(0)?, new_kv))
+        let rows: Vec<usize> = match picked {
+            true => (0..layout.wanted.len()).collect(),
+            false => layout.wanted.clone(),
+        };
+        Ok((self.logits_of(&x, &rows)?.squeeze(0)?, new_kv))
     }
 }
 
