@@ -51,45 +51,78 @@ pub fn paged_attention(
     expect("k_pages", k_pages.len(), num_pages * shape.page_elems())?;
     expect("v_pages", v_pages.len(), num_pages * shape.page_elems())?;
 
-    // The sequence of each query token, so that tasks can be per token.
+    // The sequence of each query token, and so the keys it sees.
     let mut seq_of = Vec::with_capacity(stats.num_tokens);
     for s in 0..stats.num_seqs {
         let len = (batch.query_starts[s + 1] - batch.query_starts[s]) as usize;
         seq_of.extend(std::iter::repeat_n(s, len));
     }
-    let wide = wide_simd();
-    out.par_chunks_mut(h * d)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (row, out_row)| {
-            let token = queries.map_or(row, |qs| qs[row]);
-            let s = seq_of[token];
-            let q0 = batch.query_starts[s] as usize;
-            let qlen = batch.query_starts[s + 1] as usize - q0;
-            let ctx = batch.context_lens[s] as usize;
-            let qblock = batch.query_blocks[s] as usize;
-            let i = token - q0;
-            let keys = Keys {
-                shape,
-                table: &batch.block_tables[s * batch.max_pages_per_seq..],
-                cached: ctx,
-                seen: ctx + ((i / qblock + 1) * qblock).min(qlen),
-                first_new: q0,
-                pages: (k_pages, v_pages),
-                new: (k_new, v_new),
-            };
-            let q_row = &q[token * h * d..][..h * d];
-            dispatch!(wide, keys.attend(q_row, scale, out_row, scores));
+    let keys_of = |token: usize| {
+        let s = seq_of[token];
+        let q0 = batch.query_starts[s] as usize;
+        let qlen = batch.query_starts[s + 1] as usize - q0;
+        let ctx = batch.context_lens[s] as usize;
+        let qblock = batch.query_blocks[s] as usize;
+        let i = token - q0;
+        Keys {
+            shape,
+            table: &batch.block_tables[s * batch.max_pages_per_seq..],
+            cached: ctx,
+            seen: ctx + ((i / qblock + 1) * qblock).min(qlen),
+            first_new: q0,
+            pages: (k_pages, v_pages),
+            new: (k_new, v_new),
+        }
+    };
+    let tokens: Vec<usize> = match queries {
+        Some(qs) => qs.to_vec(),
+        None => (0..rows).collect(),
+    };
+    // Tasks of consecutive output rows whose tokens see the same keys (a diffusion block's
+    // tokens, a prompt chunk's block): the AVX-512 kernel walks those keys once for up to four
+    // of their queries.
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    let mut last_keys = None;
+    for (row, &token) in tokens.iter().enumerate() {
+        let keys = (seq_of[token], keys_of(token).seen);
+        match groups.last_mut() {
+            Some((_, n)) if last_keys == Some(keys) => *n += 1,
+            _ => groups.push((row, 1)),
+        }
+        last_keys = Some(keys);
+    }
+    let mut tasks = Vec::with_capacity(groups.len());
+    let mut rest = out;
+    for &(first, n) in &groups {
+        let (mine, after) = std::mem::take(&mut rest).split_at_mut(n * h * d);
+        tasks.push((&tokens[first..first + n], mine));
+        rest = after;
+    }
+    let (wide, widest) = (wide_simd(), d == 64 && crate::simd::avx512());
+    tasks
+        .into_par_iter()
+        .for_each_init(Vec::new, |scores, (tokens, out)| {
+            let keys = keys_of(tokens[0]);
+            if widest {
+                // SAFETY: `avx512()` reported the features the kernel is compiled for.
+                unsafe { super::attention_avx512::attend(&keys, q, tokens, scale, out, scores) }
+            } else {
+                for (&token, out_row) in tokens.iter().zip(out.chunks_exact_mut(h * d)) {
+                    let q_row = &q[token * h * d..][..h * d];
+                    dispatch!(wide, keys.attend(q_row, scale, out_row, scores));
+                }
+            }
         });
     Ok(())
 }
 
 /// The keys (and values) one query token sees, in order: its sequence's cached tokens through
 /// the block table, then the batch's new tokens of that sequence its query block allows.
-struct Keys<'a> {
-    shape: &'a AttentionShape,
+pub(super) struct Keys<'a> {
+    pub(super) shape: &'a AttentionShape,
     table: &'a [i32],
     cached: usize,
-    seen: usize,
+    pub(super) seen: usize,
     /// The batch row of the sequence's first new token.
     first_new: usize,
     pages: (&'a [f32], &'a [f32]),
@@ -100,7 +133,7 @@ impl<'a> Keys<'a> {
     /// The key and value rows of kv head `kv`, in order: the pages walked rather than divided
     /// per key.
     #[inline(always)]
-    fn rows(&self, kv: usize) -> Rows<'_, 'a> {
+    pub(super) fn rows(&self, kv: usize) -> Rows<'_, 'a> {
         Rows {
             keys: self,
             kv,
@@ -198,7 +231,7 @@ impl<'a> Keys<'a> {
 
 /// Replaces each score s by exp(s - max) and returns their sum.
 #[inline(always)]
-fn exp_in_place(scores: &mut [f32]) -> f32 {
+pub(super) fn exp_in_place(scores: &mut [f32]) -> f32 {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     exp_shifted(scores, max)
 }
@@ -207,7 +240,7 @@ fn exp_in_place(scores: &mut [f32]) -> f32 {
 /// into the caller's loop, and so compiled with the caller's AVX2 features: the closure it
 /// replaces was a function of its own, compiled for the baseline CPU (SSE, seen in the
 /// profile), so the dot products in it could not use the AVX2 build.
-struct Rows<'k, 'a> {
+pub(super) struct Rows<'k, 'a> {
     keys: &'k Keys<'a>,
     kv: usize,
     /// The next token, and where it lies while in the pages.
