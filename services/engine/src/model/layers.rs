@@ -358,6 +358,7 @@ impl Attention {
     /// own positions) over the paged cache of `layer`. Device pages get the committed rows' K/V
     /// as the kernel runs; from host pages the new tokens' K/V come back to be written, and
     /// with `queries` only those tokens attend (the output has their rows).
+    #[allow(clippy::too_many_arguments)] // the step's inputs, as `DecoderLayer::forward_paged`'s
     fn forward_paged(
         &self,
         x: &Tensor,
@@ -461,6 +462,7 @@ impl DecoderLayer {
     /// MLP, and the output has their rows, in that order: the last layer's other rows would
     /// feed nothing (no layer after it reads them, and their logits are not wanted). None of
     /// them is an output of no rows.
+    #[allow(clippy::too_many_arguments)] // the dense forward's five, the pages, the layer, rows
     pub(super) fn forward_paged(
         &self,
         x: &Tensor,
