@@ -15,7 +15,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::attention::{exp_in_place, Keys};
+use super::attention::Keys;
 
 /// Values per head this kernel takes.
 const D: usize = 64;
@@ -115,7 +115,7 @@ unsafe fn queries<const C: usize>(
     }
     let mut sums = [0f32; C];
     for (c, sum) in sums.iter_mut().enumerate() {
-        *sum = exp_in_place(&mut scores[c * seen..][..seen]);
+        *sum = exp_sum(&mut scores[c * seen..][..seen]);
     }
     let mut o = [[_mm512_setzero_ps(); 4]; C];
     for (j, (_, v)) in keys.rows(kv).enumerate() {
@@ -136,6 +136,76 @@ unsafe fn queries<const C: usize>(
         }
     }
     rows
+}
+
+/// Each score s replaced by e^(s − max) and their sum: `attention::exp_in_place`'s numbers for
+/// scores that are numbers (`simd::exp` on 16 at a time, the sum in its 8 lanes in order, then
+/// pairwise, then the last few one by one).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
+fn exp_sum(scores: &mut [f32]) -> f32 {
+    let n = scores.len();
+    let whole = n - n % 16;
+    let tail_mask: __mmask16 = (1u32 << (n % 16)).wrapping_sub(1) as __mmask16;
+    // SAFETY (loads and stores): whole vectors below `whole`, the rest masked to `n`.
+    let ptr = scores.as_mut_ptr();
+    let mut max_v = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..whole).step_by(16) {
+        max_v = _mm512_max_ps(max_v, unsafe { _mm512_loadu_ps(ptr.add(i)) });
+    }
+    let tail = unsafe { _mm512_maskz_loadu_ps(tail_mask, ptr.add(whole)) };
+    let tail = _mm512_mask_blend_ps(tail_mask, _mm512_set1_ps(f32::NEG_INFINITY), tail);
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(max_v, tail)));
+    for i in (0..whole).step_by(16) {
+        let x = unsafe { _mm512_loadu_ps(ptr.add(i)) };
+        unsafe { _mm512_storeu_ps(ptr.add(i), exp16(_mm512_sub_ps(x, max))) };
+    }
+    let x = unsafe { _mm512_maskz_loadu_ps(tail_mask, ptr.add(whole)) };
+    unsafe { _mm512_mask_storeu_ps(ptr.add(whole), tail_mask, exp16(_mm512_sub_ps(x, max))) };
+    // The sum as `simd::exp_shifted` adds: 8 lanes over whole chunks of 8, in order.
+    let eights = n - n % 8;
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..eights).step_by(8) {
+        acc = _mm256_add_ps(acc, unsafe { _mm256_loadu_ps(ptr.add(i)) });
+    }
+    let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    let lanes = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+    let mut rest = 0f32;
+    for &e in &scores[eights..] {
+        rest += e;
+    }
+    lanes + rest
+}
+
+/// `simd::exp` on 16 values: the same multiplies and adds in the same order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
+fn exp16(t: __m512) -> __m512 {
+    let c = _mm512_set1_ps;
+    let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
+    const SHIFTER: f32 = 12_582_912.0;
+    let t = _mm512_min_ps(_mm512_max_ps(t, c(-87.0)), c(88.0));
+    let k = add(mul(t, c(std::f32::consts::LOG2_E)), c(SHIFTER));
+    let n = sub(k, c(SHIFTER));
+    let r = sub(sub(t, mul(n, c(0.693_359_4))), mul(n, c(-2.121_944_4e-4)));
+    let mut p = c(1.987_569_1e-4);
+    for coefficient in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ] {
+        p = add(mul(p, r), c(coefficient));
+    }
+    let e_r = add(add(mul(mul(p, r), r), r), c(1.0));
+    let n_bits = _mm512_sub_epi32(
+        _mm512_castps_si512(k),
+        _mm512_set1_epi32(SHIFTER.to_bits() as i32),
+    );
+    let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(n_bits, _mm512_set1_epi32(127)));
+    mul(e_r, _mm512_castsi512_ps(scale))
 }
 
 /// The sums of four 16-lane vectors, each in `dot_fixed`'s order from there: lanes i and i + 8
@@ -162,4 +232,51 @@ fn fold_four(a: [__m512; 4]) -> __m128 {
     let s = _mm512_add_ps(m, _mm512_movehdup_ps(m));
     let firsts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
     _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, s))
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp16_is_simd_exp_bit_for_bit_across_its_range_and_past_its_clamps() {
+        if !crate::simd::avx512() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let ts: Vec<f32> = (-100_000..100_000).map(|i| i as f32 / 997.0).collect();
+        for chunk in ts.chunks_exact(16) {
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512 checked above; `chunk` and `got` hold 16 values.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16(_mm512_loadu_ps(chunk.as_ptr()))) };
+            for (&t, g) in chunk.iter().zip(got) {
+                assert_eq!(g.to_bits(), crate::simd::exp(t).to_bits(), "e^{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn exp_sum_gives_the_portable_softmax_numbers_bit_for_bit_at_every_length() {
+        if !crate::simd::avx512() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        for n in 1..=70usize {
+            // Spread past the exp's clamp below the maximum.
+            let scores: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 + n * 31) % 2000) as f32 / 9.0 - 120.0)
+                .collect();
+            let (mut want, mut got) = (scores.clone(), scores);
+            let want_sum = super::super::attention::exp_in_place(&mut want);
+            // SAFETY: AVX-512 checked above.
+            let got_sum = unsafe { exp_sum(&mut got) };
+            assert_eq!(got_sum.to_bits(), want_sum.to_bits(), "{n} scores");
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "{n}"
+            );
+        }
+    }
 }
