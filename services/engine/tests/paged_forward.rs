@@ -295,7 +295,7 @@ fn with_bf16_products_parts_of_a_long_batch_give_the_logits_of_one_part_bit_for_
 /// `[rows, vocab]` flattened.
 fn two_steps_asking(model: &Model, rows: impl Fn(usize, bool) -> LogitRows) -> Vec<Vec<u32>> {
     let mask = model.config().diffusion.mask_token_id.unwrap();
-    let prompts: Vec<Vec<u32>> = [9usize, 30, 17]
+    let prompts: Vec<Vec<u32>> = [30usize, 9, 17]
         .iter()
         .enumerate()
         .map(|(s, &n)| {
@@ -306,8 +306,8 @@ fn two_steps_asking(model: &Model, rows: impl Fn(usize, bool) -> LogitRows) -> V
         .collect();
     // Blocks part decoded, as a denoising step sees them.
     let blocks = [
-        vec![mask, 40, mask, 41],
         vec![42, mask, mask, mask],
+        vec![mask, 40, mask, 41],
         vec![mask; 4],
     ];
     let pool = PagePool::new(64, 4);
@@ -343,26 +343,27 @@ fn two_steps_asking(model: &Model, rows: impl Fn(usize, bool) -> LogitRows) -> V
 }
 
 #[test]
-fn the_last_layer_runs_only_the_wanted_rows_and_their_logits_are_those_of_every_row() {
+fn only_the_wanted_rows_reach_the_last_layer_and_the_lm_head_with_the_logits_of_every_row() {
     let mut model = shipped_model();
     let mask = model.config().diffusion.mask_token_id.unwrap();
     let vocab = model.config().vocab_size;
-    // Prefill: the last row of the first prompt, none of the second, all of the third; block:
-    // the masked rows of the first, the second's from its second token, all of the third.
+    // Prefill: none of the first prompt (on two workers, a part of its own: one part's LM
+    // head rows are none), the last row of the second, all of the third; block: the first's
+    // from its second token, the masked rows of the second, all of the third.
     let picked = |s: usize, prefill: bool| match (s, prefill) {
-        (0, true) => LogitRows::Last,
-        (1, true) => LogitRows::None,
-        (0, false) => LogitRows::Masked {
+        (0, true) => LogitRows::None,
+        (1, true) => LogitRows::Last,
+        (0, false) => LogitRows::From(1),
+        (1, false) => LogitRows::Masked {
             first: 0,
             mask_id: mask,
         },
-        (1, false) => LogitRows::From(1),
         _ => LogitRows::All,
     };
-    // Those rows among every row of each step: prompts of 9, 30 and 17 tokens, blocks of 4.
+    // Those rows among every row of each step: prompts of 30, 9 and 17 tokens, blocks of 4.
     let wanted: [Vec<usize>; 2] = [
-        std::iter::once(8).chain(39..56).collect(),
-        [0, 2, 5, 6, 7, 8, 9, 10, 11].to_vec(),
+        std::iter::once(38).chain(39..56).collect(),
+        [1, 2, 3, 4, 6, 8, 9, 10, 11].to_vec(),
     ];
     for precision in [
         sdlm_engine::MatmulPrecision::F32,
@@ -372,14 +373,23 @@ fn the_last_layer_runs_only_the_wanted_rows_and_their_logits_are_those_of_every_
             eprintln!("{precision:?} skipped: {e}");
             continue;
         }
-        let every = two_steps_asking(&model, |_, _| LogitRows::All);
-        let some = two_steps_asking(&model, picked);
-        for (step, rows) in wanted.iter().enumerate() {
-            let want: Vec<u32> = rows
-                .iter()
-                .flat_map(|&r| every[step][r * vocab..(r + 1) * vocab].iter().copied())
-                .collect();
-            assert!(some[step] == want, "{precision:?}, step {step}");
+        for workers in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(workers)
+                .build()
+                .unwrap();
+            let every = pool.install(|| two_steps_asking(&model, |_, _| LogitRows::All));
+            let some = pool.install(|| two_steps_asking(&model, picked));
+            for (step, rows) in wanted.iter().enumerate() {
+                let want: Vec<u32> = rows
+                    .iter()
+                    .flat_map(|&r| every[step][r * vocab..(r + 1) * vocab].iter().copied())
+                    .collect();
+                assert!(
+                    some[step] == want,
+                    "{precision:?}, {workers} workers, step {step}"
+                );
+            }
         }
     }
 }
