@@ -163,26 +163,40 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// same bits.
 #[inline(always)]
 pub(crate) fn exp(t: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Round t·log2(e) to the nearest integer n by adding 1.5·2^23: the sum's low mantissa bits
-    // are then n itself (no floor or float-to-int conversion in the loop).
-    const SHIFTER: f32 = 12_582_912.0;
+    use exp_constants::*;
     let t = t.clamp(-87.0, 88.0);
     let k = t * LOG2E + SHIFTER;
     let n = k - SHIFTER;
     let r = t - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    let mut p = POLYNOMIAL[0];
+    for c in &POLYNOMIAL[1..] {
+        p = p * r + c;
+    }
     let e_r = p * r * r + r + 1.0;
     // n is in [-126, 127]: 2^n is a normal f32, its exponent field n + 127.
     let n_bits = k.to_bits().wrapping_sub(SHIFTER.to_bits());
     e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
+}
+
+/// [`exp`]'s constants, which the AVX-512 kernels' copy of it (`kv/attention_avx512.rs`) shares.
+pub(crate) mod exp_constants {
+    pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub(crate) const LN2_HI: f32 = 0.693_359_4;
+    pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Round t·log2(e) to the nearest integer n by adding 1.5·2^23: the sum's low mantissa bits
+    /// are then n itself (no floor or float-to-int conversion in the loop).
+    pub(crate) const SHIFTER: f32 = 12_582_912.0;
+    /// e^r's polynomial past 1 + r, highest degree first, as Cephes prints it (the last is 0.5
+    /// in f32).
+    #[allow(clippy::excessive_precision)]
+    pub(crate) const POLYNOMIAL: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ];
 }
 
 /// Lanes of the reductions summed pairwise: one AVX2 register.

@@ -218,6 +218,29 @@ fn a_prompt_whose_beginning_is_cached_gives_the_logits_of_a_cold_run() {
 /// workers: a CPU forward splits its batch into one part per worker, one part on one.
 fn prefill_then_denoise(model: &Model, prompt_lens: &[usize], workers: usize) -> Vec<Vec<u32>> {
     let mask = model.config().diffusion.mask_token_id.unwrap();
+    let blocks = prompt_lens.iter().map(|_| vec![mask; 4]).collect();
+    on_workers(workers, || {
+        steps_asking(model, prompt_lens, blocks, |_, _| LogitRows::All)
+    })
+}
+
+fn on_workers<R: Send>(workers: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+/// Two paged forwards of prompts of these lengths: their prefill, then a denoising step of
+/// each 4-token block of `blocks` that reads the committed pages, each sequence asking for the
+/// logits `rows(sequence, prefill)`. Each step's logits as bits, `[rows, vocab]` flattened.
+fn steps_asking(
+    model: &Model,
+    prompt_lens: &[usize],
+    blocks: Vec<Vec<u32>>,
+    rows: impl Fn(usize, bool) -> LogitRows,
+) -> Vec<Vec<u32>> {
     let prompts: Vec<Vec<u32>> = prompt_lens
         .iter()
         .enumerate()
@@ -227,90 +250,7 @@ fn prefill_then_denoise(model: &Model, prompt_lens: &[usize], workers: usize) ->
                 .collect()
         })
         .collect();
-    let blocks: Vec<Vec<u32>> = prompts.iter().map(|_| vec![mask; 4]).collect();
     let pool = PagePool::new(128, 4);
-    let mut storage = KvStorage::new(
-        model.config().num_hidden_layers,
-        pool.total(),
-        model.attention_shape(4),
-    );
-    let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::new()).collect();
-    for (table, p) in tables.iter_mut().zip(&prompts) {
-        table.commit(&pool, p).unwrap();
-    }
-    let step = |inputs: &[Vec<u32>], prefill: bool, storage: &mut KvStorage| {
-        let seqs: Vec<PagedSeq<'_>> = tables
-            .iter()
-            .zip(inputs)
-            .zip(&prompts)
-            .map(|((t, tokens), p)| PagedSeq {
-                tokens,
-                table: t.view(),
-                context: if prefill { 0 } else { p.len() },
-                query_block: if prefill { 1 } else { 4 },
-                commit: if prefill { p.len() } else { 0 },
-                logits: LogitRows::All,
-            })
-            .collect();
-        let logits = model.forward_paged(&seqs, storage).unwrap();
-        let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        values.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
-    };
-    let workers = rayon::ThreadPoolBuilder::new()
-        .num_threads(workers)
-        .build()
-        .unwrap();
-    workers.install(|| {
-        vec![
-            step(&prompts, true, &mut storage),
-            step(&blocks, false, &mut storage),
-        ]
-    })
-}
-
-#[test]
-fn a_batch_run_in_parts_side_by_side_gives_the_logits_of_one_part_bit_for_bit() {
-    // f32 products split a batch from 128 tokens a part on: 300 prompt tokens, then 7 blocks.
-    let model = shipped_model();
-    let lens = [39, 60, 24, 57, 46, 32, 42];
-    let one_part = prefill_then_denoise(&model, &lens, 1);
-    assert!(prefill_then_denoise(&model, &lens, 2) == one_part);
-}
-
-#[test]
-fn with_bf16_products_parts_of_a_long_batch_give_the_logits_of_one_part_bit_for_bit() {
-    // The AMX products compute each row alone, whatever the rows beside it.
-    let mut model = shipped_model();
-    if let Err(e) = model.set_matmul_precision(sdlm_engine::MatmulPrecision::Bf16) {
-        eprintln!("skipped: {e}");
-        return;
-    }
-    let lens = [9, 30, 4, 17, 26, 12, 40];
-    let one_part = prefill_then_denoise(&model, &lens, 1);
-    assert!(prefill_then_denoise(&model, &lens, 2) == one_part);
-}
-
-/// Two steps of three sequences (a prefill, then a 4-token block reading the committed pages),
-/// each sequence asking for the logits `rows(sequence, prefill)`: each step's logits as bits,
-/// `[rows, vocab]` flattened.
-fn two_steps_asking(model: &Model, rows: impl Fn(usize, bool) -> LogitRows) -> Vec<Vec<u32>> {
-    let mask = model.config().diffusion.mask_token_id.unwrap();
-    let prompts: Vec<Vec<u32>> = [30usize, 9, 17]
-        .iter()
-        .enumerate()
-        .map(|(s, &n)| {
-            (0..n)
-                .map(|i| 10 + ((i * 37 + s * 89) % 3000) as u32)
-                .collect()
-        })
-        .collect();
-    // Blocks part decoded, as a denoising step sees them.
-    let blocks = [
-        vec![42, mask, mask, mask],
-        vec![mask, 40, mask, 41],
-        vec![mask; 4],
-    ];
-    let pool = PagePool::new(64, 4);
     let mut storage = KvStorage::new(
         model.config().num_hidden_layers,
         pool.total(),
@@ -343,6 +283,28 @@ fn two_steps_asking(model: &Model, rows: impl Fn(usize, bool) -> LogitRows) -> V
 }
 
 #[test]
+fn a_batch_run_in_parts_side_by_side_gives_the_logits_of_one_part_bit_for_bit() {
+    // f32 products split a batch from 128 tokens a part on: 300 prompt tokens, then 7 blocks.
+    let model = shipped_model();
+    let lens = [39, 60, 24, 57, 46, 32, 42];
+    let one_part = prefill_then_denoise(&model, &lens, 1);
+    assert!(prefill_then_denoise(&model, &lens, 2) == one_part);
+}
+
+#[test]
+fn with_bf16_products_parts_of_a_long_batch_give_the_logits_of_one_part_bit_for_bit() {
+    // The AMX products compute each row alone, whatever the rows beside it.
+    let mut model = shipped_model();
+    if let Err(e) = model.set_matmul_precision(sdlm_engine::MatmulPrecision::Bf16) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let lens = [9, 30, 4, 17, 26, 12, 40];
+    let one_part = prefill_then_denoise(&model, &lens, 1);
+    assert!(prefill_then_denoise(&model, &lens, 2) == one_part);
+}
+
+#[test]
 fn only_the_wanted_rows_reach_the_last_layer_and_the_lm_head_with_the_logits_of_every_row() {
     let mut model = shipped_model();
     let mask = model.config().diffusion.mask_token_id.unwrap();
@@ -360,6 +322,13 @@ fn only_the_wanted_rows_reach_the_last_layer_and_the_lm_head_with_the_logits_of_
         },
         _ => LogitRows::All,
     };
+    // Blocks part decoded, as a denoising step sees them.
+    let blocks = vec![
+        vec![42, mask, mask, mask],
+        vec![mask, 40, mask, 41],
+        vec![mask; 4],
+    ];
+    let lens = [30, 9, 17];
     // Those rows among every row of each step: prompts of 30, 9 and 17 tokens, blocks of 4.
     let wanted: [Vec<usize>; 2] = [
         std::iter::once(38).chain(39..56).collect(),
@@ -374,12 +343,13 @@ fn only_the_wanted_rows_reach_the_last_layer_and_the_lm_head_with_the_logits_of_
             continue;
         }
         for workers in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(workers)
-                .build()
-                .unwrap();
-            let every = pool.install(|| two_steps_asking(&model, |_, _| LogitRows::All));
-            let some = pool.install(|| two_steps_asking(&model, picked));
+            let run = |rows: &(dyn Fn(usize, bool) -> LogitRows + Sync)| {
+                on_workers(workers, || {
+                    steps_asking(&model, &lens, blocks.clone(), rows)
+                })
+            };
+            let every = run(&|_, _| LogitRows::All);
+            let some = run(&picked);
             for (step, rows) in wanted.iter().enumerate() {
                 let want: Vec<u32> = rows
                     .iter()

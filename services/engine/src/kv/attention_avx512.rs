@@ -182,22 +182,16 @@ fn exp_sum(scores: &mut [f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
 fn exp16(t: __m512) -> __m512 {
+    use crate::simd::exp_constants::*;
     let c = _mm512_set1_ps;
     let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
-    const SHIFTER: f32 = 12_582_912.0;
     // `f32::clamp`: the bound as the first operand, so that a NaN (the second) passes through.
     let t = _mm512_min_ps(c(88.0), _mm512_max_ps(c(-87.0), t));
-    let k = add(mul(t, c(std::f32::consts::LOG2_E)), c(SHIFTER));
+    let k = add(mul(t, c(LOG2E)), c(SHIFTER));
     let n = sub(k, c(SHIFTER));
-    let r = sub(sub(t, mul(n, c(0.693_359_4))), mul(n, c(-2.121_944_4e-4)));
-    let mut p = c(1.987_569_1e-4);
-    for coefficient in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        5.000_000_1e-1,
-    ] {
+    let r = sub(sub(t, mul(n, c(LN2_HI))), mul(n, c(LN2_LO)));
+    let mut p = c(POLYNOMIAL[0]);
+    for &coefficient in &POLYNOMIAL[1..] {
         p = add(mul(p, r), c(coefficient));
     }
     let e_r = add(add(mul(mul(p, r), r), r), c(1.0));
