@@ -15,6 +15,10 @@ use sdlm_kernels::{AttentionShape, KernelError, RaggedBatch};
 
 use crate::simd::{axpy, dispatch, dot, dot_fixed, exp_shifted, wide_simd, Build};
 
+/// Query tokens a task of paged attention takes at most: four tokens fill the AVX-512 kernel's
+/// walks (four queries each) for any number of query heads per kv head.
+const TOKENS_PER_TASK: usize = 4;
+
 /// `out[t, h] = softmax(scale · q[t, h] · K) V`, as the reference; f32 throughout. With
 /// `queries`, only those tokens of the batch (indices, in order) attend, each output row the
 /// next of `out`: the last layer of a forward needs only the rows whose logits are wanted, while
@@ -78,15 +82,16 @@ pub fn paged_attention(
         Some(qs) => qs.to_vec(),
         None => (0..rows).collect(),
     };
-    // Tasks of consecutive output rows whose tokens see the same keys (a diffusion block's
-    // tokens, a prompt chunk's block): the AVX-512 kernel walks those keys once for up to four
-    // of their queries.
+    // Tasks of up to `TOKENS_PER_TASK` consecutive output rows whose tokens see the same keys
+    // (a diffusion block's tokens, a prompt chunk's block): the AVX-512 kernel walks those keys
+    // once for up to four of their queries, and a block of 32 still makes eight tasks for the
+    // workers to share.
     let mut groups: Vec<(usize, usize)> = Vec::new();
     let mut last_keys = None;
     for (row, &token) in tokens.iter().enumerate() {
         let keys = (seq_of[token], keys_of(token).seen);
         match groups.last_mut() {
-            Some((_, n)) if last_keys == Some(keys) => *n += 1,
+            Some((_, n)) if last_keys == Some(keys) && *n < TOKENS_PER_TASK => *n += 1,
             _ => groups.push((row, 1)),
         }
         last_keys = Some(keys);
