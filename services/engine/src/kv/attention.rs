@@ -109,8 +109,12 @@ pub fn paged_attention(
         .for_each_init(Vec::new, |scores, (tokens, out)| {
             let keys = keys_of(tokens[0]);
             if widest {
-                // SAFETY: `avx512()` reported the features the kernel is compiled for.
-                unsafe { super::attention_avx512::attend(&keys, q, tokens, scale, out, scores) }
+                // SAFETY: `avx512()` reported the features the kernel is compiled for (only
+                // ever on x86-64, where the kernel exists).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    super::attention_avx512::attend(&keys, q, tokens, scale, out, scores);
+                }
             } else {
                 for (&token, out_row) in tokens.iter().zip(out.chunks_exact_mut(h * d)) {
                     let q_row = &q[token * h * d..][..h * d];

@@ -11,8 +11,9 @@
 //! Why: the portable loops, compiled for AVX-512, took 13.4 ns a query-key pair (16 sequences
 //! × 4 tokens over 64 keys, 4 heads, one thread): a horizontal sum per dot product, and the
 //! compiler kept the output sums of several queries on the stack.
+//!
+//! x86-64 only (`kv/mod.rs`); elsewhere `simd::avx512()` is false and the portable loops run.
 
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use super::attention::Keys;
@@ -26,7 +27,6 @@ const D: usize = 64;
 /// # Safety
 /// The CPU must have AVX-512 F, VL, BW and DQ (`crate::simd::avx512`), and the head width must
 /// be 64.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
 pub(super) unsafe fn attend(
     keys: &Keys<'_>,
@@ -66,23 +66,10 @@ pub(super) unsafe fn attend(
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-pub(super) unsafe fn attend(
-    _: &Keys<'_>,
-    _: &[f32],
-    _: &[usize],
-    _: f32,
-    _: &mut [f32],
-    _: &mut Vec<f32>,
-) {
-    unreachable!("AVX-512 is x86-64 only; simd::avx512() is false elsewhere")
-}
-
 /// The outputs of `C` (2 or 4) queries of kv head `kv` over `keys`.
 ///
 /// # Safety
 /// AVX-512 F/VL/BW/DQ; each query row holds 64 values; `scores` at least `C × keys.seen`.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
 unsafe fn queries<const C: usize>(
     keys: &Keys<'_>,
@@ -141,7 +128,6 @@ unsafe fn queries<const C: usize>(
 /// Each score s replaced by e^(s − max) and their sum: `attention::exp_in_place`'s numbers for
 /// scores that are numbers (`simd::exp` on 16 at a time, the sum in its 8 lanes in order, then
 /// pairwise, then the last few one by one).
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
 fn exp_sum(scores: &mut [f32]) -> f32 {
     let n = scores.len();
@@ -179,7 +165,6 @@ fn exp_sum(scores: &mut [f32]) -> f32 {
 }
 
 /// `simd::exp` on 16 values: the same multiplies and adds in the same order.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
 fn exp16(t: __m512) -> __m512 {
     use crate::simd::exp_constants::*;
@@ -206,7 +191,6 @@ fn exp16(t: __m512) -> __m512 {
 /// The sums of four 16-lane vectors, each in `dot_fixed`'s order from there: lanes i and i + 8
 /// added, then i and i + 4 (the pairwise sum's halves), then (0 + 2) + (1 + 3). Lane c of the
 /// result is vector c's.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512dq")]
 fn fold_four(a: [__m512; 4]) -> __m128 {
     // 16 → 8: [a0.lo | a1.lo] + [a0.hi | a1.hi] (256-bit halves), and a2, a3 alike.
@@ -229,7 +213,7 @@ fn fold_four(a: [__m512; 4]) -> __m128 {
     _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, s))
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 

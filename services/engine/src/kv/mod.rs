@@ -5,6 +5,7 @@
 //! hold the same pages). The step batcher (`decode::StepBatcher`) runs the model over it.
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
 mod attention_avx512;
 mod block_table;
 mod device_pages;
