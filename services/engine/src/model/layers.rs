@@ -7,8 +7,8 @@ use sdlm_kernels::reference::RopeTable;
 use super::on_workers::side_by_side;
 use super::source::{Proj, WeightSource};
 
-/// Which implementation of RMSNorm, RoPE and softmax a forward uses: candle's fused CPU/CUDA
-/// ops, which have no backward pass, or the same math composed of differentiable tensor ops
+/// Which implementation of RMSNorm, RoPE and softmax a forward uses: fused ops with no backward
+/// pass (candle's on a GPU; on the CPU the engine's row loops where it has them), or the same math composed of differentiable tensor ops
 /// (for training; about the same numbers, more memory and time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Ops {
@@ -18,7 +18,9 @@ pub(super) enum Ops {
 
 pub(super) fn rms_norm(norm: &RmsNorm, x: &Tensor, ops: Ops) -> Result<Tensor> {
     match ops {
-        Ops::Fast => norm.forward(x),
+        Ops::Fast => {
+            super::rms_norm_rows::rms_norm_rows(x, norm.weight(), norm.eps(), || norm.forward(x))
+        }
         Ops::Differentiable => {
             super::rms_norm_grad::rms_norm_differentiable(x, norm.weight(), norm.eps(), || {
                 norm.forward_diff(x)

@@ -21,6 +21,7 @@ mod precision;
 mod q8_matmul;
 mod residual_add;
 mod rms_norm_grad;
+mod rms_norm_rows;
 mod rope_grad;
 mod row_tasks;
 pub(crate) mod source;

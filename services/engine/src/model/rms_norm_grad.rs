@@ -5,7 +5,7 @@
 //! Why: candle's differentiable RMSNorm is composed of seven element-wise and reduction ops
 //! forward and about twice as many backward, and a training step of the shipped model's preset
 //! runs 17 norms over 4,096 positions per micro-batch (two per layer, the per-head q/k norms, the
-//! final one). Decoding keeps candle's fused forward (no gradient).
+//! final one). Decoding takes `rms_norm_rows` (no gradient).
 //!
 //! Backward, for one row with r = 1/sqrt(mean(x²) + ε) and g = dy · w:
 //! dx = r · (g − x · r² · mean(g · x)), dw = Σ over rows of dy · x · r.
