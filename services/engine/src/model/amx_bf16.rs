@@ -122,8 +122,10 @@ impl Bf16Tiles {
         let kb = self.k.div_ceil(DEPTH);
         let input = bf16_rows(x, m, self.k, kb * DEPTH);
         // Not zeroed first (for the LM head at 64 rows, 2 MB a forward): the tasks together
-        // store every output, each row of each output block once (`Target::store`).
-        let mut out: Vec<f32> = Vec::with_capacity(m * self.n);
+        // store every output, each row of each output block once (`Target::store`). Room for
+        // whole tiles of rows, so that a last tile of fewer rows is stored in place too (the
+        // rows past `m` land in the spare capacity).
+        let mut out: Vec<f32> = Vec::with_capacity(m.div_ceil(TILE) * TILE * self.n);
         let blocks = self.n.div_ceil(TILE);
         let parallel = self.tiles.as_slice().len() * 2 >= PARALLEL_FROM_BYTES;
         let per_task = match parallel {
@@ -255,27 +257,28 @@ impl Target {
     ///
     /// # Safety
     /// Tiles configured and the accumulator filled on this thread; no other thread writes
-    /// these columns.
+    /// these columns; `out` has room for whole tiles of rows (`m` rounded up to 16).
     #[cfg(target_arch = "x86_64")]
     unsafe fn store(&self, acc: usize, row: usize, col: usize) {
         let (rows, cols) = (TILE.min(self.m - row), TILE.min(self.n - col));
         // SAFETY: row < m and col < n, so the offset is inside `out`.
         let at = unsafe { self.out.add(row * self.n + col) };
-        if rows == TILE && cols == TILE {
-            // SAFETY: 16 rows of 16 values at stride n lie inside `out`.
+        if cols == TILE {
+            // SAFETY: 16 rows of 16 values at stride n lie inside `out`'s room for whole tiles
+            // of rows; those past `m` are not outputs and no other task writes them.
             unsafe { amx::store(acc, at, self.n * 4) };
             return;
         }
         // On a line, as the tile loads (`Bf16Lines`): a store across lines took twice as long.
         #[repr(align(64))]
         struct Rows([f32; TILE * TILE]);
-        let mut tile = Rows([0f32; TILE * TILE]);
-        // SAFETY: `tile` holds 16 rows of 16 values at stride 64 bytes.
-        unsafe { amx::store(acc, tile.0.as_mut_ptr(), TILE * 4) };
+        let mut tile = std::mem::MaybeUninit::<Rows>::uninit();
+        let tile = tile.as_mut_ptr().cast::<f32>();
+        // SAFETY: `tile` holds 16 rows of 16 values at stride 64 bytes; the store writes all.
+        unsafe { amx::store(acc, tile, TILE * 4) };
         for r in 0..rows {
-            // SAFETY: row + r < m and col + cols <= n.
-            let dst = unsafe { std::slice::from_raw_parts_mut(at.add(r * self.n), cols) };
-            dst.copy_from_slice(&tile.0[r * TILE..r * TILE + cols]);
+            // SAFETY: row + r < m and col + cols <= n; the tile's rows were written just above.
+            unsafe { std::ptr::copy_nonoverlapping(tile.add(r * TILE), at.add(r * self.n), cols) };
         }
     }
 }

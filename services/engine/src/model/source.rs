@@ -205,12 +205,18 @@ fn through_rows(
     let mut dims = x.dims().to_vec();
     let inp = dims.pop().unwrap_or(0);
     let rows = x.elem_count() / inp.max(1);
-    let values = x
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let x32 = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    // The input's own storage, not a copy (a step batcher's round read each product's input
+    // twice that way: 2.5% of a 16-sequence round's samples on the 2-core Xeon).
+    let y = {
+        let (storage, layout) = x32.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("a CPU product's input is on {:?}", x.device().location())
+        };
+        matmul(super::contiguous_f32("product", cpu, layout)?, rows)
+    };
     dims.push(out);
-    Tensor::from_vec(matmul(&values, rows), dims, x.device())?.to_dtype(x.dtype())
+    Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())
 }
 
 pub(crate) trait WeightSource {
