@@ -130,7 +130,9 @@ impl Module for Proj {
                 if !takes_tiles {
                     return from.forward(x);
                 }
-                let y = through_rows(x, tiles.outputs(), |v, rows| tiles.matmul(v, rows))?;
+                let y = through_rows(x, tiles.outputs(), |v, rows| {
+                    tiles.matmul_on_lines(v, rows)
+                })?;
                 match from.bias() {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
@@ -161,7 +163,7 @@ impl Module for Proj {
                             w.cols()
                         );
                     }
-                    through_rows(x, w.rows(), |v, rows| w.matmul(v, rows))?
+                    through_rows(x, w.rows(), |v, rows| (w.matmul(v, rows), 0))?
                 } else if rows > *INT8_ROWS.end() {
                     let w = match dense.get() {
                         Some(w) => w,
@@ -195,12 +197,13 @@ fn int8_copy(qtensor: &QTensor) -> Result<super::q8_matmul::Q8Rows> {
     Ok(super::q8_matmul::Q8Rows::quantize(&values, out, inp))
 }
 
-/// `x [..., in]` on the CPU as f32 rows through `matmul(values, rows) -> [rows, out]`, back in
-/// `x`'s shape and dtype with `out` last.
+/// `x [..., in]` on the CPU as f32 rows through `matmul(values, rows)`, which gives
+/// `[rows, out]` as `(v, start)`, the outputs `v[start..]`; back in `x`'s shape and dtype with
+/// `out` last (a view from `start`, not a copy).
 fn through_rows(
     x: &Tensor,
     out: usize,
-    matmul: impl Fn(&[f32], usize) -> Vec<f32>,
+    matmul: impl Fn(&[f32], usize) -> (Vec<f32>, usize),
 ) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let inp = dims.pop().unwrap_or(0);
@@ -208,7 +211,7 @@ fn through_rows(
     let x32 = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
     // The input's own storage, not a copy (a step batcher's round read each product's input
     // twice that way: 2.5% of a 16-sequence round's samples on the 2-core Xeon).
-    let y = {
+    let (y, start) = {
         let (storage, layout) = x32.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             candle_core::bail!("a CPU product's input is on {:?}", x.device().location())
@@ -216,7 +219,11 @@ fn through_rows(
         matmul(super::contiguous_f32("product", cpu, layout)?, rows)
     };
     dims.push(out);
-    Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())
+    let len = y.len();
+    Tensor::from_vec(y, len, x.device())?
+        .narrow(0, start, rows * out)?
+        .reshape(dims)?
+        .to_dtype(x.dtype())
 }
 
 pub(crate) trait WeightSource {
