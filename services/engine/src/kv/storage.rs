@@ -4,6 +4,7 @@
 //! K/V rows are written once, through its block table.
 
 use candle_core::Device;
+use rayon::prelude::*;
 use sdlm_kernels::{AttentionShape, KernelError};
 
 use super::block_table::TableView;
@@ -106,6 +107,38 @@ impl KvStorage {
             }),
         }
     }
+
+    /// Writes token t's K/V rows of every layer (`kv[layer]`: k and v `[tokens, kv_heads,
+    /// head_dim]`) into slot `slots[t]` (page × page_tokens + offset; -1 skips the token), the
+    /// layers side by side on rayon's workers: a 16-sequence round of the shipped model spent
+    /// 55 µs writing its commits on one core while the other waited (2-core Xeon). Host pages
+    /// only.
+    pub fn write_slots(
+        &mut self,
+        slots: &[i32],
+        kv: &[(Vec<f32>, Vec<f32>)],
+    ) -> std::result::Result<(), KernelError> {
+        let row = self.shape.num_kv_heads * self.shape.head_dim;
+        let Pages::Host { k: kp, v: vp } = &mut self.pages else {
+            return Err(KernelError::Unsupported {
+                what: "KV storage",
+                detail: "host rows cannot be written into pages on the device".into(),
+            });
+        };
+        if kv.len() != kp.len() {
+            return Err(KernelError::OutOfRange {
+                field: "layers",
+                value: kv.len() as i64,
+                limit: format!("the storage has {} layers", kp.len()),
+            });
+        }
+        kp.par_iter_mut()
+            .zip(vp.par_iter_mut())
+            .zip(kv)
+            .try_for_each(|((kp, vp), (k, v))| {
+                sdlm_kernels::reference::kv_scatter(row, k, v, slots, kp, vp)
+            })
+    }
 }
 
 /// The slots (page × page_tokens + offset) of the table's tokens `start..start + n`, which must
@@ -171,5 +204,41 @@ mod tests {
             .write(0, table.view(), 5, &k[..16], &v[..16])
             .unwrap_err();
         assert!(err.to_string().contains("start"), "{err}");
+    }
+
+    #[test]
+    fn every_layer_gets_its_rows_in_the_given_slots_and_a_skipped_token_goes_nowhere() {
+        let shape = AttentionShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 8,
+            page_size: 4,
+        };
+        let mut storage = KvStorage::new(3, 4, shape);
+        let slots = [9, -1, 2];
+        // Layer l's token t holds 100 l + 10 t + 1 + (its index in the row) / 100 (v negated).
+        let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
+            .map(|l| {
+                let k: Vec<f32> = (0..3 * 8)
+                    .map(|i| (100 * l + 10 * (i / 8) + 1) as f32 + (i % 8) as f32 / 100.0)
+                    .collect();
+                let v = k.iter().map(|x| -x).collect();
+                (k, v)
+            })
+            .collect();
+        storage.write_slots(&slots, &kv).unwrap();
+        for (l, (k, v)) in kv.iter().enumerate() {
+            let (kp, vp) = storage.layer(l).unwrap();
+            for (t, &slot) in slots.iter().enumerate().filter(|(_, &s)| s >= 0) {
+                let at = slot as usize * 8;
+                assert_eq!(&kp[at..at + 8], &k[t * 8..][..8], "layer {l} token {t}");
+                assert_eq!(&vp[at..at + 8], &v[t * 8..][..8], "layer {l} token {t}");
+            }
+            let written = kp.iter().filter(|&&x| x != 0.0).count();
+            assert_eq!(written, 2 * 8, "layer {l}: two rows, the skipped token's nowhere");
+        }
+        // A layer count that is not the storage's is refused, naming it.
+        let err = storage.write_slots(&slots, &kv[..2]).unwrap_err();
+        assert!(err.to_string().contains("layers"), "{err}");
     }
 }

@@ -288,18 +288,13 @@ fn write_commits(
     commits: &[(usize, usize, usize)],
     new_kv: &[NewKv],
 ) -> Result<()> {
-    let shape = storage.shape();
-    let row = shape.num_kv_heads * shape.head_dim;
-    for (layer, (k, v)) in new_kv.iter().enumerate() {
-        for (s, &(first, context, commit)) in seqs.iter().zip(commits) {
-            if commit == 0 {
-                continue;
-            }
-            let span = first * row..(first + commit) * row;
-            storage.write(layer, s.table, context, &k[span.clone()], &v[span])?;
-        }
-    }
-    Ok(())
+    let Some((k, _)) = new_kv.first() else {
+        return Ok(());
+    };
+    let row = storage.shape().num_kv_heads * storage.shape().head_dim;
+    let tokens = k.len() / row.max(1);
+    let slots = commit_slots(seqs, commits, tokens, storage.shape().page_size)?;
+    Ok(storage.write_slots(&slots, new_kv)?)
 }
 
 /// Per new token of the batch, the slot its K/V row is written to, or -1 when this forward does
