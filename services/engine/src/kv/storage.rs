@@ -235,7 +235,11 @@ mod tests {
                 assert_eq!(&vp[at..at + 8], &v[t * 8..][..8], "layer {l} token {t}");
             }
             let written = kp.iter().filter(|&&x| x != 0.0).count();
-            assert_eq!(written, 2 * 8, "layer {l}: two rows, the skipped token's nowhere");
+            assert_eq!(
+                written,
+                2 * 8,
+                "layer {l}: two rows, the skipped token's nowhere"
+            );
         }
         // A layer count that is not the storage's is refused, naming it.
         let err = storage.write_slots(&slots, &kv[..2]).unwrap_err();

@@ -30,10 +30,8 @@ pub(crate) fn rms_norm_rows(
     if !(f32_cpu(x) && f32_cpu(w)) || w.rank() != 1 || x.dim(candle_core::D::Minus1)? != w.dim(0)? {
         return fallback();
     }
-    x.contiguous()?.apply_op2_no_bwd(
-        &w.contiguous()?,
-        &RmsNormRows { eps: eps as f32 },
-    )
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &RmsNormRows { eps: eps as f32 })
 }
 
 struct RmsNormRows {
@@ -112,12 +110,14 @@ mod tests {
         let rows = x.len() / w.len();
         let xt = Tensor::from_slice(x, (rows, w.len()), &dev).unwrap();
         let wt = Tensor::from_slice(w, w.len(), &dev).unwrap();
-        rms_norm_rows(&xt, &wt, EPS, || unreachable!("f32 on the CPU takes the op"))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        rms_norm_rows(&xt, &wt, EPS, || {
+            unreachable!("f32 on the CPU takes the op")
+        })
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
     }
 
     #[test]
@@ -125,7 +125,10 @@ mod tests {
         // Widths below one lane group, with a remainder, the model's; row counts within one
         // task and past it (threads).
         for (n, rows) in [(1usize, 3usize), (7, 5), (64, 188), (256, 47), (259, 200)] {
-            let (x, w) = (test_support::values(n * rows, 1), test_support::values(n, 2));
+            let (x, w) = (
+                test_support::values(n * rows, 1),
+                test_support::values(n, 2),
+            );
             let got = norm(&x, &w);
             for (r, row) in x.chunks(n).enumerate() {
                 let sum: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
@@ -158,7 +161,10 @@ mod tests {
             return;
         }
         let (n, rows) = (259, 9);
-        let (x, w) = (test_support::values(n * rows, 5), test_support::values(n, 6));
+        let (x, w) = (
+            test_support::values(n * rows, 5),
+            test_support::values(n, 6),
+        );
         let input = Rows {
             x: &x,
             w: &w,

@@ -130,9 +130,7 @@ impl Module for Proj {
                 if !takes_tiles {
                     return from.forward(x);
                 }
-                let y = through_rows(x, tiles.outputs(), |v, rows| {
-                    tiles.matmul_on_lines(v, rows)
-                })?;
+                let y = through_rows(x, tiles.outputs(), |v, rows| tiles.matmul_on_lines(v, rows))?;
                 match from.bias() {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
