@@ -40,3 +40,24 @@ pub(crate) fn equal_pair<'a>(
     }
     Ok((a, b))
 }
+
+/// Whether a norm op takes `x [..., n]` with weight `w [n]`: both f32 on the CPU and `w` a
+/// vector as long as `x`'s rows.
+pub(crate) fn norm_takes(x: &Tensor, w: &Tensor) -> Result<bool> {
+    Ok(f32_cpu(x) && f32_cpu(w) && w.rank() == 1 && x.dim(candle_core::D::Minus1)? == w.dim(0)?)
+}
+
+/// A norm op's rows and weight, contiguous f32, the rows a whole number of the weight's
+/// length; an error naming `op` otherwise.
+pub(crate) fn norm_inputs<'a>(
+    op: &str,
+    (xs, xl): (&'a CpuStorage, &Layout),
+    (ws, wl): (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32])> {
+    let (x, w) = (contiguous_f32(op, xs, xl)?, contiguous_f32(op, ws, wl)?);
+    let n = w.len();
+    if n == 0 || x.len() % n != 0 {
+        candle_core::bail!("{op}: x of {} values for a weight of {n}", x.len());
+    }
+    Ok((x, w))
+}

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::op_inputs::{contiguous_f32, f32_cpu, host_values};
+use super::op_inputs::{host_values, norm_inputs, norm_takes};
 
 /// Values per task (whole rows).
 const PER_TASK: usize = 1 << 14;
@@ -26,7 +26,7 @@ pub(crate) fn rms_norm_differentiable(
     eps: f64,
     fallback: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if !(f32_cpu(x) && f32_cpu(w)) || w.rank() != 1 || x.dim(candle_core::D::Minus1)? != w.dim(0)? {
+    if !norm_takes(x, w)? {
         return fallback();
     }
     x.contiguous()?
@@ -61,12 +61,8 @@ impl CustomOp2 for RmsNormGrad {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32("rms norm", xs, xl)?;
-        let w = contiguous_f32("rms norm", ws, wl)?;
+        let (x, w) = norm_inputs("rms norm", (xs, xl), (ws, wl))?;
         let n = w.len();
-        if n == 0 || x.len() % n != 0 {
-            candle_core::bail!("rms norm: x of {} values for a weight of {n}", x.len());
-        }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n * Self::rows_per_task(n))
             .zip(x.par_chunks(n * Self::rows_per_task(n)))

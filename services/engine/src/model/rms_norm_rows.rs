@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::op_inputs::{contiguous_f32, f32_cpu};
+use super::op_inputs::{norm_inputs, norm_takes};
 use super::row_tasks::by_chunks;
 use crate::simd::{dispatch, dot, wide_simd, Build};
 
@@ -27,7 +27,7 @@ pub(crate) fn rms_norm_rows(
     eps: f64,
     fallback: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if !(f32_cpu(x) && f32_cpu(w)) || w.rank() != 1 || x.dim(candle_core::D::Minus1)? != w.dim(0)? {
+    if !norm_takes(x, w)? {
         return fallback();
     }
     x.contiguous()?
@@ -50,12 +50,8 @@ impl CustomOp2 for RmsNormRows {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32("rms-norm-rows", xs, xl)?;
-        let w = contiguous_f32("rms-norm-rows", ws, wl)?;
+        let (x, w) = norm_inputs("rms-norm-rows", (xs, xl), (ws, wl))?;
         let n = w.len();
-        if n == 0 || x.len() % n != 0 {
-            candle_core::bail!("rms-norm-rows: {} values are not rows of {n}", x.len());
-        }
         let mut out = vec![0f32; x.len()];
         let per_task = (PER_TASK / n).max(1) * n;
         by_chunks(&mut out, per_task, |at, out| {
