@@ -463,7 +463,14 @@ mod tests {
         ] {
             let x = values(m * k, 1);
             let w = values(n * k, 2);
-            let got = Bf16Tiles::pack(&w, n, k).matmul(&x, m);
+            let (lined, start) = Bf16Tiles::pack(&w, n, k).matmul_on_lines(&x, m);
+            let got = &lined[start..];
+            assert_eq!(
+                got.as_ptr() as usize % 64,
+                0,
+                "m {m} n {n} k {k}: outputs on a line"
+            );
+            assert_eq!(got.len(), m * n);
             let want = reference(&x, m, &w, n, k);
             for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
                 // f32 sums of exact products: off by a few f32 roundings of the partial sums.
