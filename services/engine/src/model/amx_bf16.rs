@@ -252,11 +252,11 @@ impl Bf16Tiles {
 /// The rows `x [m, k]` in bf16, each padded with zeros to `width` (whole lines), and zero rows
 /// up to a whole tile (a tile load reads 16 rows).
 fn bf16_rows(x: &[f32], m: usize, k: usize, width: usize) -> Bf16Lines {
-    let mut input = Bf16Lines::zeroed(m.div_ceil(TILE) * TILE * width);
-    for (dst, src) in input.as_mut_slice().chunks_mut(width).zip(x.chunks(k)) {
-        super::bf16_round::round_into(src, &mut dst[..k]);
-    }
-    input
+    Bf16Lines::from_rows(m.div_ceil(TILE) * TILE, width, |row, dst| {
+        if let Some(src) = x.get(row * k..(row + 1) * k) {
+            super::bf16_round::round_into(src, &mut dst[..k]);
+        }
+    })
 }
 
 /// The `[m, n]` f32 output the tasks of one product write, each its own output blocks.

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::op_inputs::{equal_pair, f32_cpu};
-use super::row_tasks::by_chunks;
+use super::row_tasks::filled_by_chunks;
 
 /// Elements per task when the work is split across threads.
 const PER_TASK: usize = 1 << 14;
@@ -38,13 +38,14 @@ impl CustomOp2 for ResidualAdd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = equal_pair("residual add", (s1, l1), (s2, l2))?;
-        let mut out = vec![0f32; a.len()];
-        by_chunks(&mut out, PER_TASK, |at, out| {
+        let fill = |at: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
             let (a, b) = (&a[at..at + out.len()], &b[at..at + out.len()]);
             for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
-                *o = x + y;
+                o.write(x + y);
             }
-        });
+        };
+        // SAFETY: each chunk's values are written, one for each of its inputs.
+        let out = unsafe { filled_by_chunks(a.len(), PER_TASK, fill) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

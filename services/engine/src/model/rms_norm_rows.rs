@@ -9,10 +9,12 @@
 //! multiplied by 1/m, where candle divides it by m (a division per value, 16 lanes every 10
 //! cycles or so): the two differ by the order of a row's sum and a rounding or two.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::op_inputs::{norm_inputs, norm_takes};
-use super::row_tasks::by_chunks;
+use super::row_tasks::filled_by_chunks;
 use crate::simd::{dispatch, dot, wide_simd, Build};
 
 /// Values per task (whole rows) when the rows are split across threads: a decoding step's rows
@@ -52,16 +54,17 @@ impl CustomOp2 for RmsNormRows {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = norm_inputs("rms-norm-rows", (xs, xl), (ws, wl))?;
         let n = w.len();
-        let mut out = vec![0f32; x.len()];
         let per_task = (PER_TASK / n).max(1) * n;
-        by_chunks(&mut out, per_task, |at, out| {
+        let fill = |at: usize, out: &mut [MaybeUninit<f32>]| {
             let rows = Rows {
                 x: &x[at..at + out.len()],
                 w,
                 eps: self.eps,
             };
             dispatch!(wide_simd(), rows.norm(out));
-        });
+        };
+        // SAFETY: a chunk is whole rows, and `Rows::fill` writes every value of each.
+        let out = unsafe { filled_by_chunks(x.len(), per_task, fill) };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 }
@@ -76,18 +79,18 @@ struct Rows<'a> {
 impl Rows<'_> {
     /// # Safety
     /// The CPU must have `B`'s features.
-    unsafe fn norm<B: Build>(&self, out: &mut [f32]) {
+    unsafe fn norm<B: Build>(&self, out: &mut [MaybeUninit<f32>]) {
         // SAFETY: passed on from the caller.
         unsafe { B::run(|| self.fill(out)) }
     }
 
     #[inline(always)]
-    fn fill(&self, out: &mut [f32]) {
+    fn fill(&self, out: &mut [MaybeUninit<f32>]) {
         let n = self.w.len();
         for (row, out) in self.x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
             let r = 1.0 / (dot(row, row) / n as f32 + self.eps).sqrt();
             for ((o, &v), &a) in out.iter_mut().zip(row).zip(self.w) {
-                *o = v * r * a;
+                o.write(v * r * a);
             }
         }
     }
@@ -167,18 +170,19 @@ mod tests {
             eps: EPS as f32,
         };
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let mut portable = vec![0f32; x.len()];
-        let mut avx2 = vec![0f32; x.len()];
-        // SAFETY: the portable build needs nothing; AVX2 was checked above.
-        unsafe {
-            input.norm::<crate::simd::Portable>(&mut portable);
-            input.norm::<crate::simd::Avx2>(&mut avx2);
-        }
+        // SAFETY (all three): the portable build needs nothing; AVX2 was checked above,
+        // AVX-512 is checked before its run.
+        let portable = test_support::written(x.len(), |out| unsafe {
+            input.norm::<crate::simd::Portable>(out)
+        });
+        let avx2 = test_support::written(x.len(), |out| unsafe {
+            input.norm::<crate::simd::Avx2>(out)
+        });
         assert_eq!(bits(&portable), bits(&avx2));
         if crate::simd::avx512() {
-            let mut avx512 = vec![0f32; x.len()];
-            // SAFETY: AVX-512 checked just above.
-            unsafe { input.norm::<crate::simd::Avx512>(&mut avx512) };
+            let avx512 = test_support::written(x.len(), |out| unsafe {
+                input.norm::<crate::simd::Avx512>(out)
+            });
             assert_eq!(bits(&portable), bits(&avx512));
         }
     }

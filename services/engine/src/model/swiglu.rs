@@ -10,11 +10,13 @@
 //! Training takes it too: its backward is one pass over gate, up and the output's gradient
 //! (candle's is eleven element-wise ops for the two).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::op_inputs::{equal_pair, f32_cpu, host_values};
-use super::row_tasks::by_chunks;
+use super::row_tasks::filled_by_chunks;
 use crate::simd::{dispatch, exp, wide_simd, Build};
 
 /// Elements per task when the work is split across threads.
@@ -44,15 +46,16 @@ impl CustomOp2 for SwiGlu {
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (gate, up) = equal_pair("swiglu", (gs, gl), (us, ul))?;
-        let mut out = vec![0f32; gate.len()];
-        by_tasks(&mut out, |at, out| {
+        let fill = |at: usize, out: &mut [MaybeUninit<f32>]| {
             let span = Span {
                 gate: &gate[at..at + out.len()],
                 up: &up[at..at + out.len()],
                 grad: &[],
             };
             dispatch!(wide_simd(), span.forward(out));
-        });
+        };
+        // SAFETY: `Span::fill` writes one value for each of its chunk's gate values.
+        let out = unsafe { filled_by_chunks(gate.len(), PER_TASK, fill) };
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 
@@ -94,11 +97,6 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// `fill(first index, chunk)` over `out` in chunks of [`PER_TASK`].
-fn by_tasks(out: &mut [f32], fill: impl Fn(usize, &mut [f32]) + Sync) {
-    by_chunks(out, PER_TASK, fill)
-}
-
 struct Span<'a> {
     gate: &'a [f32],
     up: &'a [f32],
@@ -109,7 +107,7 @@ struct Span<'a> {
 impl Span<'_> {
     /// # Safety
     /// The CPU must have `B`'s features.
-    unsafe fn forward<B: Build>(&self, out: &mut [f32]) {
+    unsafe fn forward<B: Build>(&self, out: &mut [MaybeUninit<f32>]) {
         // SAFETY: passed on from the caller.
         unsafe { B::run(|| self.fill(out)) }
     }
@@ -122,9 +120,9 @@ impl Span<'_> {
     }
 
     #[inline(always)]
-    fn fill(&self, out: &mut [f32]) {
+    fn fill(&self, out: &mut [MaybeUninit<f32>]) {
         for ((o, &g), &u) in out.iter_mut().zip(self.gate).zip(self.up) {
-            *o = g / (1.0 + exp(-g)) * u;
+            o.write(g / (1.0 + exp(-g)) * u);
         }
     }
 
@@ -231,8 +229,11 @@ mod tests {
             Avx512,
         }
         let run = |build: Of| {
-            let (mut out, mut d_gate, mut d_up) =
-                (vec![0f32; 1000], vec![0f32; 1000], vec![0f32; 1000]);
+            let (mut out, mut d_gate, mut d_up) = (
+                vec![MaybeUninit::new(0f32); 1000],
+                vec![0f32; 1000],
+                vec![0f32; 1000],
+            );
             // SAFETY: the portable build needs nothing; AVX2 was checked above, AVX-512 before
             // its run below.
             unsafe {
@@ -251,6 +252,8 @@ mod tests {
                     }
                 }
             }
+            // SAFETY: `out` started as zeros; the forward only wrote values over them.
+            let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
             [bits(&out), bits(&d_gate), bits(&d_up)]
         };
         assert!(run(Of::Portable) == run(Of::Avx2));

@@ -28,3 +28,12 @@ pub(crate) fn assert_rows_independent_of_batch(x: &Tensor, f: impl Fn(&Tensor) -
         assert_eq!(&alone[0], row, "row {i}");
     }
 }
+
+/// The `n` values `fill` leaves in a buffer of zeros it may write (for the ops that fill
+/// buffers they are handed uninitialised).
+pub(crate) fn written(n: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
+    let mut out = vec![std::mem::MaybeUninit::new(0f32); n];
+    fill(&mut out);
+    // SAFETY: every value started as 0.0 and `fill` could only write values over it.
+    out.iter().map(|v| unsafe { v.assume_init() }).collect()
+}
