@@ -18,16 +18,14 @@ pub(super) unsafe fn filled_by_chunks(
     per_task: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
+    let per_task = per_task.max(1);
     let mut out: Vec<f32> = Vec::with_capacity(n);
     let chunks = &mut out.spare_capacity_mut()[..n];
     let task = |(i, chunk): (usize, &mut [MaybeUninit<f32>])| fill(i * per_task, chunk);
     if n > per_task {
         chunks.par_chunks_mut(per_task).enumerate().for_each(task);
     } else {
-        chunks
-            .chunks_mut(per_task.max(1))
-            .enumerate()
-            .for_each(task);
+        chunks.chunks_mut(per_task).enumerate().for_each(task);
     }
     // SAFETY: the chunks cover 0..n, and the caller's `fill` wrote every value of each.
     unsafe { out.set_len(n) };
