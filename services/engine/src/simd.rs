@@ -11,20 +11,24 @@ pub(crate) fn wide_simd() -> bool {
 }
 
 /// Whether this CPU runs the AVX-512 build (F, VL, BW and DQ: Intel from Skylake-SP on, AMD
-/// from Zen 4), which [`dispatch`] takes over the AVX2 one.
+/// from Zen 4), which [`dispatch`] takes over the AVX2 one. Asked once (every dispatch of a row
+/// loop asks it).
 pub(crate) fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512dq")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// Whether this CPU runs the hand-written AVX2 + FMA kernels (the few-row matmuls).

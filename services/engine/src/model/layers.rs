@@ -8,8 +8,9 @@ use super::on_workers::side_by_side;
 use super::source::{Proj, WeightSource};
 
 /// Which implementation of RMSNorm, RoPE and softmax a forward uses: fused ops with no backward
-/// pass (candle's on a GPU; on the CPU the engine's row loops where it has them), or the same math composed of differentiable tensor ops
-/// (for training; about the same numbers, more memory and time).
+/// pass (candle's on a GPU; on the CPU the engine's row loops where it has them), or the same
+/// math composed of differentiable tensor ops (for training; about the same numbers, more memory
+/// and time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Ops {
     Fast,

@@ -41,10 +41,21 @@ pub(crate) fn equal_pair<'a>(
     Ok((a, b))
 }
 
-/// Whether a norm op takes `x [..., n]` with weight `w [n]`: both f32 on the CPU and `w` a
-/// vector as long as `x`'s rows.
-pub(crate) fn norm_takes(x: &Tensor, w: &Tensor) -> Result<bool> {
-    Ok(f32_cpu(x) && f32_cpu(w) && w.rank() == 1 && x.dim(candle_core::D::Minus1)? == w.dim(0)?)
+/// A norm of `x [..., n]` with weight `w [n]`: `apply(x, w)` (both contiguous) where a norm op
+/// of the engine takes them (both f32 on the CPU, `w` a vector as long as `x`'s rows), else
+/// `fallback()` (candle's).
+pub(crate) fn norm_op(
+    x: &Tensor,
+    w: &Tensor,
+    fallback: impl FnOnce() -> Result<Tensor>,
+    apply: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let takes =
+        f32_cpu(x) && f32_cpu(w) && w.rank() == 1 && x.dim(candle_core::D::Minus1)? == w.dim(0)?;
+    match takes {
+        true => apply(&x.contiguous()?, &w.contiguous()?),
+        false => fallback(),
+    }
 }
 
 /// A norm op's rows and weight, contiguous f32, the rows a whole number of the weight's

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::op_inputs::{host_values, norm_inputs, norm_takes};
+use super::op_inputs::{host_values, norm_inputs, norm_op};
 
 /// Values per task (whole rows).
 const PER_TASK: usize = 1 << 14;
@@ -26,11 +26,9 @@ pub(crate) fn rms_norm_differentiable(
     eps: f64,
     fallback: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if !norm_takes(x, w)? {
-        return fallback();
-    }
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNormGrad { eps: eps as f32 })
+    norm_op(x, w, fallback, |x, w| {
+        x.apply_op2(w, RmsNormGrad { eps: eps as f32 })
+    })
 }
 
 struct RmsNormGrad {

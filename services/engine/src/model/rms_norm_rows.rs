@@ -13,7 +13,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::op_inputs::{norm_inputs, norm_takes};
+use super::op_inputs::{norm_inputs, norm_op};
 use super::row_tasks::filled_by_chunks;
 use crate::simd::{dispatch, dot, wide_simd, Build};
 
@@ -29,11 +29,9 @@ pub(crate) fn rms_norm_rows(
     eps: f64,
     fallback: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if !norm_takes(x, w)? {
-        return fallback();
-    }
-    x.contiguous()?
-        .apply_op2_no_bwd(&w.contiguous()?, &RmsNormRows { eps: eps as f32 })
+    norm_op(x, w, fallback, |x, w| {
+        x.apply_op2_no_bwd(w, &RmsNormRows { eps: eps as f32 })
+    })
 }
 
 struct RmsNormRows {
