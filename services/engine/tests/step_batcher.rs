@@ -37,3 +37,22 @@ fn preempted_sequences_resume_and_give_the_same_completions() {
         assert_eq!(g, w, "request {i}");
     }
 }
+
+/// The same with bf16 products on a CPU with AMX (what `sdlm bench --matmul-precision bf16`
+/// runs): the batch's rows go through the AMX tiles in parts of the batch, each sequence alone
+/// through the same tiles in its own forwards.
+#[test]
+fn sixteen_mixed_sequences_batched_equal_each_decoded_alone_in_bf16() {
+    let (mut model, tokenizer) = shipped_model(&Device::Cpu);
+    if let Err(e) = model.set_matmul_precision(sdlm_engine::MatmulPrecision::Bf16) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let reqs = requests(&model, &tokenizer);
+    let want = alone(&model, &reqs);
+    let (got, preemptions) = batched(&model, &reqs, PagePool::new(1024, 16));
+    assert_eq!(preemptions, 0);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i} ({:?})", reqs[i].1.mode);
+    }
+}
