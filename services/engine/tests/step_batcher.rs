@@ -12,9 +12,14 @@ use sdlm_engine::Device;
 #[test]
 fn sixteen_mixed_sequences_batched_equal_each_decoded_alone() {
     let (model, tokenizer) = shipped_model(&Device::Cpu);
-    let reqs = requests(&model, &tokenizer);
-    let want = alone(&model, &reqs);
-    let (got, preemptions) = batched(&model, &reqs, PagePool::new(1024, 16));
+    batched_equal_alone(&model, &tokenizer);
+}
+
+/// The 16 mixed requests batched, with room for all of them at once, against each alone.
+fn batched_equal_alone(model: &sdlm_engine::Model, tokenizer: &tokenizers::Tokenizer) {
+    let reqs = requests(model, tokenizer);
+    let want = alone(model, &reqs);
+    let (got, preemptions) = batched(model, &reqs, PagePool::new(1024, 16));
     assert_eq!(preemptions, 0);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g, w, "request {i} ({:?})", reqs[i].1.mode);
@@ -48,11 +53,5 @@ fn sixteen_mixed_sequences_batched_equal_each_decoded_alone_in_bf16() {
         eprintln!("skipped: {e}");
         return;
     }
-    let reqs = requests(&model, &tokenizer);
-    let want = alone(&model, &reqs);
-    let (got, preemptions) = batched(&model, &reqs, PagePool::new(1024, 16));
-    assert_eq!(preemptions, 0);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g, w, "request {i} ({:?})", reqs[i].1.mode);
-    }
+    batched_equal_alone(&model, &tokenizer);
 }
