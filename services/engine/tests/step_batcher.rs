@@ -26,6 +26,19 @@ fn batched_equal_alone(model: &sdlm_engine::Model, tokenizer: &tokenizers::Token
     }
 }
 
+/// The first test with bf16 products on a CPU with AMX (what `sdlm bench --matmul-precision bf16`
+/// runs): the batch's rows go through the AMX tiles in parts of the batch, each sequence alone
+/// through the same tiles in its own forwards.
+#[test]
+fn sixteen_mixed_sequences_batched_equal_each_decoded_alone_in_bf16() {
+    let (mut model, tokenizer) = shipped_model(&Device::Cpu);
+    if let Err(e) = model.set_matmul_precision(sdlm_engine::MatmulPrecision::Bf16) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    batched_equal_alone(&model, &tokenizer);
+}
+
 #[test]
 fn preempted_sequences_resume_and_give_the_same_completions() {
     let (model, tokenizer) = shipped_model(&Device::Cpu);
@@ -41,17 +54,4 @@ fn preempted_sequences_resume_and_give_the_same_completions() {
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g, w, "request {i}");
     }
-}
-
-/// The same with bf16 products on a CPU with AMX (what `sdlm bench --matmul-precision bf16`
-/// runs): the batch's rows go through the AMX tiles in parts of the batch, each sequence alone
-/// through the same tiles in its own forwards.
-#[test]
-fn sixteen_mixed_sequences_batched_equal_each_decoded_alone_in_bf16() {
-    let (mut model, tokenizer) = shipped_model(&Device::Cpu);
-    if let Err(e) = model.set_matmul_precision(sdlm_engine::MatmulPrecision::Bf16) {
-        eprintln!("skipped: {e}");
-        return;
-    }
-    batched_equal_alone(&model, &tokenizer);
 }
