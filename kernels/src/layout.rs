@@ -27,14 +27,14 @@ impl AttentionShape {
     }
 
     pub fn validate(&self) -> Result<(), KernelError> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(KernelError::OutOfRange {
                 field: "num_kv_heads",
                 value: self.num_kv_heads as i64,
                 limit: format!("must be positive and divide num_heads = {}", self.num_heads),
             });
         }
-        if self.head_dim == 0 || self.head_dim % 8 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(8) {
             return Err(KernelError::OutOfRange {
                 field: "head_dim",
                 value: self.head_dim as i64,

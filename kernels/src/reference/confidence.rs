@@ -16,7 +16,7 @@ pub fn row_confidence<T: Element>(
     vocab: usize,
     temperature: f32,
 ) -> Result<Vec<RowConfidence>, KernelError> {
-    if vocab == 0 || logits.len() % vocab != 0 {
+    if vocab == 0 || !logits.len().is_multiple_of(vocab) {
         return Err(KernelError::Length {
             field: "logits",
             actual: logits.len(),

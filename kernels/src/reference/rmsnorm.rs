@@ -14,7 +14,7 @@ pub fn residual_rmsnorm<T: Element>(
     check_len("weight", weight.len(), hidden)?;
     check_len("residual", residual.len(), x.len())?;
     check_len("out", out.len(), x.len())?;
-    if hidden == 0 || x.len() % hidden != 0 {
+    if hidden == 0 || !x.len().is_multiple_of(hidden) {
         return Err(KernelError::Length {
             field: "x",
             actual: x.len(),

@@ -146,7 +146,7 @@ fn ctrl_c_checkpoints_and_resume_continues() {
         serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap())
             .unwrap();
     let stopped = state["step"].as_u64().unwrap();
-    assert!(stopped >= 2 && stopped < 100000);
+    assert!((2..100000).contains(&stopped));
     let resumed = last_json(&sdlm(&[
         "train",
         "--out",

@@ -1,7 +1,7 @@
 //! Model configuration from an HF `config.json` (qwen2, qwen3, llama), with the diffusion fields
 //! taken from `config.json` when present, else from an optional `sdlm.json` beside it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
@@ -231,9 +231,9 @@ impl ModelConfig {
     }
 }
 
-fn config_err(path: &PathBuf, field: &'static str, reason: &str) -> EngineError {
+fn config_err(path: &Path, field: &'static str, reason: &str) -> EngineError {
     EngineError::Config {
-        path: path.clone(),
+        path: path.to_path_buf(),
         field,
         reason: reason.to_string(),
     }

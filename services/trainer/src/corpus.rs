@@ -147,7 +147,8 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, text).unwrap();
         }
-        let corpus = Corpus::discover(&[root.clone()], &["py"], &["site-packages"]).unwrap();
+        let corpus =
+            Corpus::discover(std::slice::from_ref(&root), &["py"], &["site-packages"]).unwrap();
         assert_eq!(corpus.len(), 2);
         let mut all = corpus.files(Split::Train);
         all.extend(corpus.files(Split::HeldOut));
@@ -156,7 +157,7 @@ mod tests {
         let before = corpus.fingerprint();
         std::fs::write(root.join("pkg/b.py"), "changed").unwrap();
         assert_ne!(
-            Corpus::discover(&[root.clone()], &["py"], &["site-packages"])
+            Corpus::discover(std::slice::from_ref(&root), &["py"], &["site-packages"])
                 .unwrap()
                 .fingerprint(),
             before

@@ -228,7 +228,9 @@ impl Settings {
                 "batch_size and accumulation must be at least 1".into(),
             );
         }
-        if a.num_key_value_heads == 0 || a.num_attention_heads % a.num_key_value_heads != 0 {
+        if a.num_key_value_heads == 0
+            || !a.num_attention_heads.is_multiple_of(a.num_key_value_heads)
+        {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -237,7 +239,7 @@ impl Settings {
                 ),
             );
         }
-        if a.head_dim % 2 != 0 {
+        if !a.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!("is {}; RoPE needs an even size", a.head_dim),

@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn shards_round_trip_and_half_the_documents_are_fim() {
         let docs: Vec<Document> = (0..400)
-            .map(|i| (0..(5 + i % 17)).map(|t| 100 + t + i as u32).collect())
+            .map(|i| (0..(5 + i % 17)).map(|t| 100 + t + i).collect())
             .collect();
         let path = std::env::temp_dir().join(format!("sdlm-shard-{}.bin", std::process::id()));
         let meta = write_shard(&path, &docs, 8192, &S, true).unwrap();

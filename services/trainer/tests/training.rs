@@ -343,8 +343,7 @@ fn step_reduction_trains_on_the_init_models_own_greedy_continuations() {
         |settings, init_dir, session| run_options(&sr, &corpus, &stop, settings, init_dir, session);
     // Without a model to start from, stage 3 from the first step has nothing to decode with.
     let err = run(opts(Some(s.clone()), None, None))
-        .err()
-        .expect("refused without --init")
+        .expect_err("refused without --init")
         .to_string();
     assert!(err.contains("--init"), "{err}");
     let _ = std::fs::remove_dir_all(&sr);
@@ -424,8 +423,7 @@ fn init_refuses_a_model_of_another_shape() {
         init: Some(model),
         ..options(&tmp.join("run"), &corpus, &stop, false, None)
     })
-    .err()
-    .expect("a model of another shape is refused")
+    .expect_err("a model of another shape is refused")
     .to_string();
     assert!(err.contains("hidden_size"), "{err}");
     let _ = std::fs::remove_dir_all(&tmp);
