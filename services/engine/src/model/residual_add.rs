@@ -9,10 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::op_inputs::{equal_pair, f32_cpu};
-use super::row_tasks::filled_by_chunks;
-
-/// Elements per task when the work is split across threads.
-const PER_TASK: usize = 1 << 14;
+use super::row_tasks::{filled_by_chunks, VALUES_PER_TASK};
 
 /// `a + b` for tensors of one shape; no backward (inference only).
 pub(crate) fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -45,7 +42,7 @@ impl CustomOp2 for ResidualAdd {
             }
         };
         // SAFETY: each chunk's values are written, one for each of its inputs.
-        let out = unsafe { filled_by_chunks(a.len(), PER_TASK, fill) };
+        let out = unsafe { filled_by_chunks(a.len(), VALUES_PER_TASK, fill) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -14,9 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::op_inputs::{host_values, norm_inputs, norm_op};
-
-/// Values per task (whole rows).
-const PER_TASK: usize = 1 << 14;
+use super::row_tasks::VALUES_PER_TASK;
 
 /// The norm of `x [..., n]` with weight `w [n]`: this op for f32 on the CPU, else candle's
 /// composed form (`fallback`).
@@ -43,7 +41,7 @@ impl RmsNormGrad {
     }
 
     fn rows_per_task(n: usize) -> usize {
-        (PER_TASK / n.max(1)).max(1)
+        (VALUES_PER_TASK / n.max(1)).max(1)
     }
 }
 

@@ -14,12 +14,8 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::op_inputs::{norm_inputs, norm_op};
-use super::row_tasks::filled_by_chunks;
+use super::row_tasks::{filled_by_chunks, VALUES_PER_TASK};
 use crate::simd::{dispatch, dot, wide_simd, Build};
-
-/// Values per task (whole rows) when the rows are split across threads: a decoding step's rows
-/// stay on the thread that runs its forward.
-const PER_TASK: usize = 1 << 14;
 
 /// The norm of `x [..., n]` with weight `w [n]`: this op for f32 on the CPU, else `fallback`
 /// (candle's).
@@ -52,7 +48,7 @@ impl CustomOp2 for RmsNormRows {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = norm_inputs("rms-norm-rows", (xs, xl), (ws, wl))?;
         let n = w.len();
-        let per_task = (PER_TASK / n).max(1) * n;
+        let per_task = (VALUES_PER_TASK / n).max(1) * n;
         let fill = |at: usize, out: &mut [MaybeUninit<f32>]| {
             let rows = Rows {
                 x: &x[at..at + out.len()],

@@ -1,10 +1,15 @@
 //! What the few-row matmuls (`f32_rows`, `q8_matmul`) share: the split of a product `[m, n]`
 //! into tasks over weight rows, and the horizontal sum of their AVX2 accumulators; and the split
-//! of an elementwise op's output into chunks (SwiGLU, the residual add).
+//! of a row op's output into chunks (SwiGLU, the residual add, the RMSNorms).
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
+
+/// Values a task of a row op (SwiGLU, the residual add, the RMSNorms) takes at most when its
+/// output is split across threads (a norm rounds down to whole rows): a decoding step's few
+/// rows stay on the thread that runs its forward.
+pub(super) const VALUES_PER_TASK: usize = 1 << 14;
 
 /// `n` values made by `fill(first index, chunk)` over chunks of `per_task`, on rayon's threads
 /// when there is more than one chunk, into a vector that is not zeroed first: an op's output of

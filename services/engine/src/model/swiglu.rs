@@ -16,11 +16,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::op_inputs::{equal_pair, f32_cpu, host_values};
-use super::row_tasks::filled_by_chunks;
+use super::row_tasks::{filled_by_chunks, VALUES_PER_TASK};
 use crate::simd::{dispatch, exp, wide_simd, Build};
-
-/// Elements per task when the work is split across threads.
-const PER_TASK: usize = 1 << 14;
 
 /// `silu(gate) · up`, elementwise: the fused pass for f32 tensors on the CPU (differentiable:
 /// its backward is one pass too), candle's ops otherwise.
@@ -55,7 +52,7 @@ impl CustomOp2 for SwiGlu {
             dispatch!(wide_simd(), span.forward(out));
         };
         // SAFETY: `Span::fill` writes one value for each of its chunk's gate values.
-        let out = unsafe { filled_by_chunks(gate.len(), PER_TASK, fill) };
+        let out = unsafe { filled_by_chunks(gate.len(), VALUES_PER_TASK, fill) };
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 
@@ -76,11 +73,11 @@ impl CustomOp2 for SwiGlu {
         let mut d = vec![0f32; 2 * g.len()];
         let (d_gate, d_up) = d.split_at_mut(g.len());
         d_gate
-            .par_chunks_mut(PER_TASK)
-            .zip(d_up.par_chunks_mut(PER_TASK))
+            .par_chunks_mut(VALUES_PER_TASK)
+            .zip(d_up.par_chunks_mut(VALUES_PER_TASK))
             .enumerate()
             .for_each(|(i, (d_gate, d_up))| {
-                let at = i * PER_TASK;
+                let at = i * VALUES_PER_TASK;
                 let n = d_gate.len();
                 let span = Span {
                     gate: &g[at..at + n],
@@ -155,7 +152,7 @@ mod tests {
     #[test]
     fn the_fused_pass_equals_silu_times_up_in_f64_within_1e_6() {
         // Sizes below one lane group, with a remainder, and past one task (threads).
-        for n in [3usize, 16, 100, 704 * 7, PER_TASK * 3 + 5] {
+        for n in [3usize, 16, 100, 704 * 7, VALUES_PER_TASK * 3 + 5] {
             let (g, u) = (values(n, 1), values(n, 2));
             let gate = Tensor::from_vec(g.clone(), n, &Device::Cpu).unwrap();
             let up = Tensor::from_vec(u.clone(), n, &Device::Cpu).unwrap();
@@ -181,7 +178,7 @@ mod tests {
     #[test]
     fn the_gradients_equal_those_of_candles_composed_ops() {
         // Past one task, so that the backward's threads split the work too.
-        let n = PER_TASK + 77;
+        let n = VALUES_PER_TASK + 77;
         let dev = Device::Cpu;
         let gate = candle_core::Var::from_vec(values(n, 5), n, &dev).unwrap();
         let up = candle_core::Var::from_vec(values(n, 6), n, &dev).unwrap();
