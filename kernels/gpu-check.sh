@@ -11,15 +11,18 @@
 #  5. the kernel benchmark against its floors;
 #  6. compute-sanitizer memcheck and racecheck on a small subset of the parity tests;
 #  7. the shipped model loaded by HF transformers (the machine's PyTorch, on its CPU), scored
-#     next to `sdlm perplexity` (the development machines have no PyTorch).
+#     next to `sdlm perplexity` (the development machines have no PyTorch);
+#  8. only when asked for ("profile"): Nsight Compute on the AR attention case of Qwen2.5's shape,
+#     the tensor-core kernel and the narrow one, a few launches each.
 # Writes everything under the folder given as $1 (default ./results) and prints the tables last.
-# Steps after it (parity engine e2e shipped bench sanitizer hf) run only those, for a second run
+# Steps after it (parity engine e2e shipped bench sanitizer hf profile) run only those, for a second run
 # in a lease that has already measured the rest; the ceilings always run.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/results}
 steps=" ${*:2} "
 want() { [[ $steps == "  " || $steps == *" $1 "* ]]; }
+asked() { [[ $steps == *" $1 "* ]]; }
 mkdir -p "$out"
 summary=()
 e2e="$out/e2e.txt"
@@ -180,6 +183,24 @@ if want hf; then
   timeout 120 python3 "$here/check-hf-load.py" "$here/sdlm-tiny-code" "$sample" 64 "$sdlm" \
     >"$out/hf-check.txt" 2>&1
   summary+=("HF transformers against sdlm perplexity, shipped model: exit $?; $(tail -1 "$out/hf-check.txt")")
+fi
+
+if asked profile; then
+  echo "== ncu: AR attention, b16 ctx16384 14/2 d64"
+  if command -v ncu >/dev/null; then
+    for kernel in tc tcn; do
+      # Clocks as the card has them (METHOD.md); the first launch after the copy-bandwidth
+      # measurement and the warm-ups are skipped.
+      timeout 120 ncu --clock-control none --kernel-name regex:paged_attention_tc --launch-skip 3 \
+        --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis \
+        "$here/sdlm-kernel-bench" --profile-case 0 --profile-kernel "$kernel" --iters 3 \
+        >"$out/ncu-$kernel.txt" 2>&1
+      summary+=("ncu $kernel: exit $?")
+    done
+  else
+    summary+=("ncu: not on PATH")
+  fi
 fi
 
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

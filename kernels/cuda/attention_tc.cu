@@ -10,79 +10,26 @@
 // When a CTA has fewer rows than warps x 16 (AR decoding), warps split each tile's keys and merge
 // at the end. P is split into bf16/f16 hi + lo parts for the P V product (two mmas), so rounding
 // P costs no accuracy: the result matches the f32 reference to f32 rounding, not to bf16's.
-#include "split_merge.cuh"
+#include "tc_common.cuh"
 
 namespace {
+
+using tc::LOG2E;
+using tc::Mma;
+using tc::STAGES;
 
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 constexpr int ROWS = WARPS * 16;  // query rows per CTA
-constexpr float LOG2E = 1.4426950408889634f;
-// Tiles in flight per CTA. The host sizes dynamic shared memory to match (tc_smem_bytes in
-// src/cuda/attention.rs): STAGES x 2 (K, V) x KEYS x (D + 8) elements.
-constexpr int STAGES = 3;
 
 template <int D>
 struct Shape {
   static constexpr int KEYS = D <= 64 ? 64 : 32;  // keys per tile: 16 KiB of bf16 K+V
-  static constexpr int STRIDE = D + 8;  // +16 bytes per smem row: fragment loads hit 32 banks
   static constexpr int KSTEPS = D / 16;
   static constexpr int DBLOCKS = D / 8;
   static constexpr int NB = KEYS / 8;           // 8-key blocks of S per tile
   static constexpr int MAX_WSPLIT = KEYS / 16;  // a warp needs >= 16 keys (one P V k-step)
-  static constexpr int TILE = KEYS * STRIDE;    // elements of one K (or V) stage
 };
-
-template <typename T> struct Mma;
-
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // Packs (x, y) as a hi part and the rounding remainder as a lo part.
-  static __device__ __forceinline__ void split(float x, float y, uint32_t& hi, uint32_t& lo) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    __nv_bfloat162 l = __floats2bfloat162_rn(x - __low2float(h), y - __high2float(h));
-    hi = *reinterpret_cast<uint32_t*>(&h);
-    lo = *reinterpret_cast<uint32_t*>(&l);
-  }
-};
-
-template <> struct Mma<__half> {
-  static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ void split(float x, float y, uint32_t& hi, uint32_t& lo) {
-    __half2 h = __floats2half2_rn(x, y);
-    __half2 l = __floats2half2_rn(x - __low2float(h), y - __high2float(h));
-    hi = *reinterpret_cast<uint32_t*>(&h);
-    lo = *reinterpret_cast<uint32_t*>(&l);
-  }
-};
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: no read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
 
 template <typename T, int D>
 __device__ void paged_attention_tc_impl(
@@ -99,7 +46,7 @@ __device__ void paged_attention_tc_impl(
   T* kv = reinterpret_cast<T*>(smem_raw);
   __shared__ float red_m[WARPS][16];
   __shared__ float red_l[WARPS][16];
-  static_assert(STAGES * 2 * S::TILE * sizeof(T) >= WARPS * 16 * D * sizeof(float), "merge buffer");
+  static_assert(STAGES * 2 * S::KEYS * (D + 8) * sizeof(T) >= WARPS * 16 * D * sizeof(float), "merge buffer");
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane >> 2, tig = lane & 3;
@@ -157,48 +104,11 @@ __device__ void paged_attention_tc_impl(
     }
   }
 
-  // Each thread copies 16-byte chunks of one column of every (THREADS / (D/8))-th key row.
-  constexpr int VECS_PER_KEY = D / 8;
-  constexpr int KEY_STEP = THREADS / VECS_PER_KEY;
-  static_assert(THREADS % VECS_PER_KEY == 0 && S::KEYS % KEY_STEP == 0, "loader mapping");
-  const int load_col = (tid % VECS_PER_KEY) * 8;
-  const int load_key0 = tid / VECS_PER_KEY;
-  constexpr int KEYS_PER_THREAD = S::KEYS / KEY_STEP;
-  const int* table = block_tables + (size_t)seq * max_pages_per_seq;
-  // The pages of this thread's keys in a tile, looked up one tile before they are needed: a
-  // lookup right in front of its cp.async stalled the warp on a global load every tile.
-  auto lookup_pages = [&](int t0, int (&pages)[KEYS_PER_THREAD]) {
-#pragma unroll
-    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
-      const int t = t0 + load_key0 + i * KEY_STEP;
-      pages[i] = t < min(k_end, ctx) ? table[t >> page_shift] : 0;
-    }
-  };
-  auto load_tile = [&](int stage, int t0, const int (&pages)[KEYS_PER_THREAD]) {
-    T* ks = kv + stage * 2 * S::TILE;
-    T* vs = ks + S::TILE;
-#pragma unroll
-    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
-      const int key = load_key0 + i * KEY_STEP;
-      const int col = load_col;
-      const int t = t0 + key;
-      const bool in = t < k_end;
-      size_t base = 0;
-      const T* ksrc = k_pages;
-      const T* vsrc = v_pages;
-      if (in && t < ctx) {
-        const int page = pages[i];
-        base = (((size_t)page * page_size + (t & (page_size - 1))) * num_kv_heads + kvh) * D;
-      } else if (in) {
-        base = ((size_t)(q0 + t - ctx) * num_kv_heads + kvh) * D;
-        ksrc = k_new;
-        vsrc = v_new;
-      }
-      cp_async16(ks + key * S::STRIDE + col, ksrc + base + col, in);
-      cp_async16(vs + key * S::STRIDE + col, vsrc + base + col, in);
-    }
-    cp_async_commit();
-  };
+  using Tiles = tc::PagedTiles<T, D, S::KEYS, THREADS>;
+  const Tiles tiles_in{kv, k_new, v_new, k_pages, v_pages,
+                       block_tables + (size_t)seq * max_pages_per_seq,
+                       ctx, k_end, q0, kvh, num_kv_heads, page_size, page_shift,
+                       (tid % Tiles::VECS_PER_KEY) * 8, tid / Tiles::VECS_PER_KEY};
 
   float o[S::DBLOCKS][4];
 #pragma unroll
@@ -206,34 +116,15 @@ __device__ void paged_attention_tc_impl(
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float scale_log2 = scale * LOG2E;
 
-  // Every iteration commits one group (empty past the last tile), so waiting for all but the
-  // newest STAGES - 1 groups always means: tile `it` has landed.
-  int pages[KEYS_PER_THREAD];
-  for (int p = 0; p < STAGES - 1; ++p) {
-    lookup_pages(k_begin + p * S::KEYS, pages);
-    if (p < tiles) load_tile(p, k_begin + p * S::KEYS, pages);
-    else cp_async_commit();
-  }
-  lookup_pages(k_begin + (STAGES - 1) * S::KEYS, pages);
-  for (int it = 0; it < tiles; ++it) {
-    const int stage = it % STAGES;
-    const int t0 = k_begin + it * S::KEYS;
-    const int next = it + STAGES - 1;
-    if (next < tiles) load_tile(next % STAGES, k_begin + next * S::KEYS, pages);
-    else cp_async_commit();
-    lookup_pages(k_begin + (next + 1) * S::KEYS, pages);  // consumed next iteration
-    cp_async_wait<STAGES - 1>();
-    __syncthreads();
+  tiles_in.for_each_tile(k_begin, tiles, [&](const T* ks, const T* vs, int t0) {
     if (active) {
-      const T* ks = kv + stage * 2 * S::TILE;
-      const T* vs = ks + S::TILE;
       float s[S::NB][4];
 #pragma unroll
       for (int nb = 0; nb < S::NB; ++nb) {
         s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = -INFINITY;
         if (nb < nb_w) {
           s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-          const T* krow = ks + (key_off + nb * 8 + gid) * S::STRIDE + tig * 2;
+          const T* krow = ks + (key_off + nb * 8 + gid) * Tiles::STRIDE + tig * 2;
 #pragma unroll
           for (int kstep = 0; kstep < S::KSTEPS; ++kstep) {
             const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kstep * 16);
@@ -293,11 +184,11 @@ __device__ void paged_attention_tc_impl(
           Mma<T>::split(s[2 * kk][2], s[2 * kk][3], ph[1], pl[1]);
           Mma<T>::split(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2], pl[2]);
           Mma<T>::split(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3], pl[3]);
-          const T* vrow = vs + (key_off + kk * 16 + (mi & 1) * 8 + ri) * S::STRIDE + (mi >> 1) * 8;
+          const T* vrow = vs + (key_off + kk * 16 + (mi & 1) * 8 + ri) * Tiles::STRIDE + (mi >> 1) * 8;
 #pragma unroll
           for (int j = 0; j < S::DBLOCKS / 2; ++j) {
             uint32_t b[4];
-            ldmatrix_x4_trans(b, vrow + j * 16);
+            tc::ldmatrix_x4_trans(b, vrow + j * 16);
             Mma<T>::run(o[2 * j], ph, b[0], b[1]);
             Mma<T>::run(o[2 * j], pl, b[0], b[1]);
             Mma<T>::run(o[2 * j + 1], ph, b[2], b[3]);
@@ -306,9 +197,7 @@ __device__ void paged_attention_tc_impl(
         }
       }
     }
-    __syncthreads();  // the next iteration reloads the stage computed in this one
-  }
-  cp_async_wait<0>();  // only empty groups remain; the merge below reuses the buffer
+  });
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

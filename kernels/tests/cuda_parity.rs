@@ -105,7 +105,11 @@ fn attention_all_splits<T: CudaElement>(shape: AttentionShape, seqs: &[Seq]) {
     let kernels: &[AttentionKernel] = if std::mem::size_of::<T>() == 4 {
         &[AttentionKernel::CudaCores]
     } else {
-        &[AttentionKernel::TensorCores, AttentionKernel::CudaCores]
+        &[
+            AttentionKernel::TensorCores,
+            AttentionKernel::TensorCoresNarrow,
+            AttentionKernel::CudaCores,
+        ]
     };
     for &kernel in kernels {
         for splits in [
@@ -155,6 +159,17 @@ fn attention_long_diffusion_batch<T: CudaElement>() {
     attention_all_splits::<T>(QWEN2_05B, &seqs);
 }
 per_dtype!(attention_long_batch, attention_long_diffusion_batch);
+
+fn attention_decode_batch<T: CudaElement>() {
+    // What the narrow tensor-core kernel is for: few query rows per kv head over long contexts,
+    // so the automatic policy splits the keys. AR steps with GQA 7; 4-token diffusion blocks
+    // with GQA 2 (8 rows, a full mma column side).
+    let ar: Vec<Seq> = (0..16).map(|i| seq(500 + 131 * i, 1, 1)).collect();
+    attention_all_splits::<T>(QWEN2_05B, &ar);
+    let blocks: Vec<Seq> = (0..8).map(|i| seq(300 + 257 * i, 4, 4)).collect();
+    attention_all_splits::<T>(QWEN3_06B, &blocks);
+}
+per_dtype!(attention_decode_shapes, attention_decode_batch);
 
 #[test]
 fn attention_refuses_a_page_size_that_is_not_a_power_of_two() {

@@ -17,6 +17,11 @@ pub enum AttentionKernel {
     CudaCores,
     /// `attention_tc.cu`: mma.sync on tensor cores, bf16/f16 only.
     TensorCores,
+    /// `attention_tc_narrow.cu`: tensor cores with keys on mma's 16-row side and query rows on
+    /// its 8-column side, for batches with at most 8 query rows per sequence and kv head (AR
+    /// decoding with grouped heads). Correct for any batch, but slow for long queries: every 8
+    /// rows stream all their keys. bf16/f16 only.
+    TensorCoresNarrow,
 }
 
 /// STAGES in attention_tc.cu: K/V tiles in flight per CTA.
@@ -30,17 +35,31 @@ impl AttentionKernel {
             AttentionKernel::CudaCores | AttentionKernel::Auto => (256, 256 / (head_dim / 32)),
             // 4 warps of 16 rows
             AttentionKernel::TensorCores => (128, 64),
+            // 4 warps sharing 8 rows, 16 keys of each tile apiece
+            AttentionKernel::TensorCoresNarrow => (128, 8),
         }
     }
 
-    /// Dynamic shared memory of one CTA: the tensor-core kernel's K/V stages
+    /// Dynamic shared memory of one CTA: the tensor-core kernels' K/V stages
     /// (STAGES x 2 x KEYS x (D + 8) elements); the CUDA-core kernel's is static.
     pub(crate) fn dynamic_smem_bytes(self, head_dim: usize, elem_bytes: usize) -> usize {
         match self {
-            AttentionKernel::TensorCores => {
+            AttentionKernel::TensorCores | AttentionKernel::TensorCoresNarrow => {
                 TC_STAGES * 2 * self.keys_per_tile(head_dim) * (head_dim + 8) * elem_bytes
             }
             _ => 0,
+        }
+    }
+
+    /// The kernel of this implementation whose name begins with `name`'s prefix, if any (the
+    /// tensor-core kernels take more than the default 48 KiB of shared memory).
+    pub(crate) fn of_function(name: &str) -> Option<Self> {
+        if name.starts_with("paged_attention_tcn_") {
+            Some(AttentionKernel::TensorCoresNarrow)
+        } else if name.starts_with("paged_attention_tc_") {
+            Some(AttentionKernel::TensorCores)
+        } else {
+            None
         }
     }
 
@@ -49,6 +68,8 @@ impl AttentionKernel {
         match self {
             AttentionKernel::TensorCores if head_dim <= 64 => 64,
             AttentionKernel::TensorCores => 32,
+            // 16 keys for each of 4 warps
+            AttentionKernel::TensorCoresNarrow => 64,
             _ => 4096 / head_dim,
         }
     }
@@ -204,7 +225,7 @@ impl CudaKernels {
         check_len("k_new", k_new.len(), stats.num_tokens * kvh * d)?;
         check_len("v_new", v_new.len(), stats.num_tokens * kvh * d)?;
         check_len("v_pages", v_pages.len(), k_pages.len())?;
-        if k_pages.len() % shape.page_elems() != 0 {
+        if !k_pages.len().is_multiple_of(shape.page_elems()) {
             return Err(KernelError::Length {
                 field: "k_pages",
                 actual: k_pages.len(),
@@ -216,10 +237,10 @@ impl CudaKernels {
         let kernel = match options.kernel {
             AttentionKernel::Auto if is_f32 => AttentionKernel::CudaCores,
             AttentionKernel::Auto => AttentionKernel::TensorCores,
-            AttentionKernel::TensorCores if is_f32 => {
+            AttentionKernel::TensorCores | AttentionKernel::TensorCoresNarrow if is_f32 => {
                 return Err(KernelError::Unsupported {
                     what: "dtype",
-                    detail: "the tensor-core attention kernel takes bf16 or f16, not f32".into(),
+                    detail: "the tensor-core attention kernels take bf16 or f16, not f32".into(),
                 })
             }
             k => k,
@@ -227,6 +248,7 @@ impl CudaKernels {
         let (threads, rows_per_cta) = kernel.geometry(d);
         let name = match kernel {
             AttentionKernel::TensorCores => format!("paged_attention_tc_{}_d{d}", T::NAME),
+            AttentionKernel::TensorCoresNarrow => format!("paged_attention_tcn_{}_d{d}", T::NAME),
             _ => format!("paged_attention_{}_d{d}", T::NAME),
         };
         let f = self.function(&name)?;
@@ -287,8 +309,8 @@ impl CudaKernels {
             launch.arg(v);
         }
         launch.arg(&scale);
-        // SAFETY: argument order and types match paged_attention_* in attention.cu and
-        // attention_tc.cu (one signature); lengths and
+        // SAFETY: argument order and types match paged_attention_* in attention.cu,
+        // attention_tc.cu and attention_tc_narrow.cu (one signature); lengths and
         // every index the kernel follows were checked above and in DeviceRaggedBatch::upload.
         unsafe { launch.launch(cfg) }?;
 

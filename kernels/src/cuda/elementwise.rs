@@ -28,7 +28,7 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
 
 fn vector_multiple<T: CudaElement>(field: &'static str, elems: usize) -> Result<(), KernelError> {
     let per_vec = 16 / std::mem::size_of::<T>();
-    if elems % per_vec == 0 {
+    if elems.is_multiple_of(per_vec) {
         Ok(())
     } else {
         Err(KernelError::Unsupported {
@@ -87,7 +87,7 @@ impl CudaKernels {
         check_len("weight", weight.len(), hidden)?;
         check_len("residual", residual.len(), x.len())?;
         check_len("out", out.len(), x.len())?;
-        if hidden == 0 || x.len() % hidden != 0 {
+        if hidden == 0 || !x.len().is_multiple_of(hidden) {
             return Err(KernelError::Length {
                 field: "x",
                 actual: x.len(),

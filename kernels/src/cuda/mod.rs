@@ -53,15 +53,15 @@ impl CudaKernels {
                 functions.insert(name.clone(), module.load_function(&name)?);
             }
         }
-        // The tensor-core attention kernel takes more than the default 48 KiB of shared memory.
+        // The tensor-core attention kernels take more than the default 48 KiB of shared memory.
         for (name, f) in &functions {
-            if let Some(rest) = name.strip_prefix("paged_attention_tc_") {
-                let d: usize = rest
+            if let Some(kernel) = AttentionKernel::of_function(name) {
+                let d: usize = name
                     .rsplit("_d")
                     .next()
                     .and_then(|x| x.parse().ok())
                     .unwrap_or(128);
-                let bytes = AttentionKernel::TensorCores.dynamic_smem_bytes(d, 2);
+                let bytes = kernel.dynamic_smem_bytes(d, 2);
                 f.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     bytes as i32,
@@ -110,14 +110,8 @@ fn function_names(module: &str) -> Vec<String> {
                     .map(move |hd| format!("paged_attention_{d}_d{hd}"))
             })
             .collect(),
-        "attention_tc" => ["bf16", "f16"]
-            .iter()
-            .flat_map(|d| {
-                ATTENTION_HEAD_DIMS
-                    .iter()
-                    .map(move |hd| format!("paged_attention_tc_{d}_d{hd}"))
-            })
-            .collect(),
+        "attention_tc" => tensor_core_names("paged_attention_tc"),
+        "attention_tc_narrow" => tensor_core_names("paged_attention_tcn"),
         "kv_scatter" => per_dtype("kv_scatter").collect(),
         "rmsnorm" => per_dtype("residual_rmsnorm").collect(),
         "rope" => per_dtype("rope").collect(),
@@ -126,6 +120,18 @@ fn function_names(module: &str) -> Vec<String> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// `{prefix}_{dtype}_d{head_dim}` for the dtypes tensor cores take and every head dim.
+fn tensor_core_names(prefix: &str) -> Vec<String> {
+    ["bf16", "f16"]
+        .iter()
+        .flat_map(|d| {
+            ATTENTION_HEAD_DIMS
+                .iter()
+                .map(move |hd| format!("{prefix}_{d}_d{hd}"))
+        })
+        .collect()
 }
 
 fn to_i32(field: &'static str, value: usize) -> Result<i32, KernelError> {

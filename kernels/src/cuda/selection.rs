@@ -38,7 +38,7 @@ impl CudaKernels {
         temperature: f32,
         outputs: &mut SelectionOutputs,
     ) -> Result<(), KernelError> {
-        if vocab == 0 || logits.len() % vocab != 0 {
+        if vocab == 0 || !logits.len().is_multiple_of(vocab) {
             return Err(KernelError::Length {
                 field: "logits",
                 actual: logits.len(),
