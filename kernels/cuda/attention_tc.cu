@@ -116,7 +116,12 @@ __device__ void paged_attention_tc_impl(
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float scale_log2 = scale * LOG2E;
 
-  tiles_in.for_each_tile(k_begin, tiles, [&](const T* ks, const T* vs, int t0) {
+  int pages[Tiles::KEYS_PER_THREAD];
+  tiles_in.start(k_begin, tiles, pages);
+  for (int it = 0; it < tiles; ++it) {
+    const T* ks = tiles_in.next(it, k_begin, tiles, pages);
+    const T* vs = ks + Tiles::TILE;
+    const int t0 = k_begin + it * S::KEYS;
     if (active) {
       float s[S::NB][4];
 #pragma unroll
@@ -197,7 +202,9 @@ __device__ void paged_attention_tc_impl(
         }
       }
     }
-  });
+    __syncthreads();  // the next iteration reloads the stage computed in this one
+  }
+  tc::cp_async_wait<0>();  // the merge below reuses the buffer
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

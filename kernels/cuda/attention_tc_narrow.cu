@@ -102,7 +102,12 @@ __device__ void paged_attention_tc_narrow_impl(
   // ldmatrix addresses: lane l gives row l % 8 of 8x8 matrix l / 8.
   const int mi = lane >> 3, ri = lane & 7;
 
-  tiles_in.for_each_tile(k_begin, tiles, [&](const T* ks, const T* vs, int t0) {
+  int pages[Tiles::KEYS_PER_THREAD];
+  tiles_in.start(k_begin, tiles, pages);
+  for (int it = 0; it < tiles; ++it) {
+    const T* ks = tiles_in.next(it, k_begin, tiles, pages);
+    const T* vs = ks + Tiles::TILE;
+    const int t0 = k_begin + it * KEYS;
     // S^T (16 keys x 8 rows): s[0], s[1] key gid, rows 2 tig, 2 tig + 1; s[2], s[3] key gid + 8.
     float s[4] = {0.f, 0.f, 0.f, 0.f};
     // K as A fragments: matrices (keys 0-7, d 0-7), (keys 8-15, d 0-7), (0-7, 8-15), (8-15, 8-15).
@@ -162,7 +167,9 @@ __device__ void paged_attention_tc_narrow_impl(
       Mma<T>::run(o[mb], a, hi[0], hi[1]);
       Mma<T>::run(o[mb], a, lo[0], lo[1]);
     }
-  });
+    __syncthreads();  // the next iteration reloads the stage computed in this one
+  }
+  tc::cp_async_wait<0>();  // the merge below reuses the buffer
 
   // Each row's sum over this warp's keys: the 8 lanes that share tig.
 #pragma unroll

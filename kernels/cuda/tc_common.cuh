@@ -134,33 +134,36 @@ struct PagedTiles {
     cp_async_commit();
   }
 
-  // Calls compute(ks, vs, t0) for every tile of `tiles` starting at key k_begin, with that tile
-  // in shared memory and the next STAGES - 1 loading. Every iteration commits one group (empty
-  // past the last tile), so waiting for all but the newest STAGES - 1 groups always means: tile
-  // `it` has landed. Leaves no copy in flight, so the caller may reuse `kv` afterwards.
-  template <typename Compute>
-  __device__ __forceinline__ void for_each_tile(int k_begin, int tiles, Compute&& compute) const {
-    int pages[KEYS_PER_THREAD];
+  // The pipeline, in the caller's loop over tiles (a loop body passed in as a lambda cost the
+  // d128 kernel register spills):
+  //   int pages[KEYS_PER_THREAD];
+  //   tiles_in.start(k_begin, tiles, pages);
+  //   for (int it = 0; it < tiles; ++it) {
+  //     const T* ks = tiles_in.next(it, k_begin, tiles, pages);  // K; V is ks + TILE
+  //     ... (tile `it` is in shared memory) ...
+  //     __syncthreads();  // the next iteration reloads this stage
+  //   }
+  //   cp_async_wait<0>();  // before the caller reuses `kv`
+  // Every iteration commits one group (empty past the last tile), so waiting for all but the
+  // newest STAGES - 1 groups always means: tile `it` has landed.
+  __device__ __forceinline__ void start(int k_begin, int tiles, int (&pages)[KEYS_PER_THREAD]) const {
     for (int p = 0; p < STAGES - 1; ++p) {
       lookup_pages(k_begin + p * KEYS, pages);
       if (p < tiles) load_tile(p, k_begin + p * KEYS, pages);
       else cp_async_commit();
     }
     lookup_pages(k_begin + (STAGES - 1) * KEYS, pages);
-    for (int it = 0; it < tiles; ++it) {
-      const int stage = it % STAGES;
-      const int t0 = k_begin + it * KEYS;
-      const int next = it + STAGES - 1;
-      if (next < tiles) load_tile(next % STAGES, k_begin + next * KEYS, pages);
-      else cp_async_commit();
-      lookup_pages(k_begin + (next + 1) * KEYS, pages);  // consumed next iteration
-      cp_async_wait<STAGES - 1>();
-      __syncthreads();
-      const T* ks = kv + stage * 2 * TILE;
-      compute(ks, ks + TILE, t0);
-      __syncthreads();  // the next iteration reloads the stage computed in this one
-    }
-    cp_async_wait<0>();  // only empty groups remain
+  }
+
+  // Starts loading tile it + STAGES - 1, waits for tile `it` and returns its K stage.
+  __device__ __forceinline__ const T* next(int it, int k_begin, int tiles, int (&pages)[KEYS_PER_THREAD]) const {
+    const int ahead = it + STAGES - 1;
+    if (ahead < tiles) load_tile(ahead % STAGES, k_begin + ahead * KEYS, pages);
+    else cp_async_commit();
+    lookup_pages(k_begin + (ahead + 1) * KEYS, pages);  // consumed next iteration
+    cp_async_wait<STAGES - 1>();
+    __syncthreads();
+    return kv + (it % STAGES) * 2 * TILE;
   }
 };
 
