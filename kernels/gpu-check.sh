@@ -13,7 +13,7 @@
 #  7. the shipped model loaded by HF transformers (the machine's PyTorch, on its CPU), scored
 #     next to `sdlm perplexity` (the development machines have no PyTorch);
 #  8. only when asked for ("profile"): Nsight Compute on the AR attention case of Qwen2.5's shape,
-#     the tensor-core kernel and the narrow one, a few launches each.
+#     the tensor-core kernel and the narrow ones, a few launches each.
 # Writes everything under the folder given as $1 (default ./results) and prints the tables last.
 # Steps after it (parity engine e2e shipped bench sanitizer hf profile) run only those, for a second run
 # in a lease that has already measured the rest; the ceilings always run.
@@ -188,7 +188,7 @@ fi
 if asked profile; then
   echo "== ncu: AR attention, b16 ctx16384 14/2 d64"
   if command -v ncu >/dev/null; then
-    for kernel in tc tcn; do
+    for kernel in tc tcn tcn2; do
       # Clocks as the card has them (METHOD.md); the first launch after the copy-bandwidth
       # measurement and the warm-ups are skipped.
       timeout 120 ncu --clock-control none --kernel-name regex:paged_attention_tc --launch-skip 3 \

@@ -108,10 +108,16 @@ fn attention_all_splits<T: CudaElement>(shape: AttentionShape, seqs: &[Seq]) {
         &[
             AttentionKernel::TensorCores,
             AttentionKernel::TensorCoresNarrow,
+            AttentionKernel::TensorCoresNarrowPairs,
             AttentionKernel::CudaCores,
         ]
     };
+    // The paired kernel serves kv heads two at a time (SmolLM2's 3 are refused: a test below).
+    let pairs_fit = shape.num_kv_heads.is_multiple_of(2);
     for &kernel in kernels {
+        if kernel == AttentionKernel::TensorCoresNarrowPairs && !pairs_fit {
+            continue;
+        }
         for splits in [
             SplitPolicy::Auto,
             SplitPolicy::Fixed(1),
@@ -170,6 +176,37 @@ fn attention_decode_batch<T: CudaElement>() {
     attention_all_splits::<T>(QWEN3_06B, &blocks);
 }
 per_dtype!(attention_decode_shapes, attention_decode_batch);
+
+#[test]
+fn paired_narrow_kernel_refuses_an_odd_number_of_kv_heads() {
+    let k = kernels();
+    let mut rng = common::rng("odd kv heads");
+    let case = AttentionCase::<bf16>::random(&mut rng, SMOLLM2, &[seq(30, 1, 1)]);
+    let s = k.stream();
+    let batch = DeviceRaggedBatch::upload(&k, &SMOLLM2, &case.batch(), case.num_pages).unwrap();
+    let q = s.clone_htod(&case.q).unwrap();
+    let (kn, vn) = (
+        s.clone_htod(&case.k_new).unwrap(),
+        s.clone_htod(&case.v_new).unwrap(),
+    );
+    let (kp, vp) = (
+        s.clone_htod(&case.k_pages).unwrap(),
+        s.clone_htod(&case.v_pages).unwrap(),
+    );
+    let mut out = poisoned::<bf16>(&k, case.q.len());
+    let options = AttentionOptions {
+        kernel: AttentionKernel::TensorCoresNarrowPairs,
+        ..Default::default()
+    };
+    let mut ws = AttentionWorkspace::default();
+    let err = k
+        .paged_attention(
+            &batch, &q, &kn, &vn, &kp, &vp, case.scale, &mut out, &mut ws, options,
+        )
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("num_kv_heads"), "{err}");
+}
 
 #[test]
 fn attention_refuses_a_page_size_that_is_not_a_power_of_two() {

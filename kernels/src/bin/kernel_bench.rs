@@ -23,7 +23,7 @@ struct Args {
     fp32_tflops: Option<f64>,
     /// Run only this attention case (index into the case list): for profilers.
     profile_case: Option<usize>,
-    /// The kernel `--profile-case` runs: `tc` (default) or `tcn`.
+    /// The kernel `--profile-case` runs: `tc` (default), `tcn` or `tcn2`.
     profile_kernel: AttentionKernel,
 }
 
@@ -47,9 +47,12 @@ fn parse_args() -> Args {
             "--profile-kernel" if val == "tcn" => {
                 a.profile_kernel = AttentionKernel::TensorCoresNarrow
             }
+            "--profile-kernel" if val == "tcn2" => {
+                a.profile_kernel = AttentionKernel::TensorCoresNarrowPairs
+            }
             "--profile-kernel" if val == "tc" => a.profile_kernel = AttentionKernel::TensorCores,
             other => {
-                eprintln!("unknown argument {other} {val}; usage: sdlm-kernel-bench [--iters N] [--matmul-tflops X] [--fp32-tflops Y] [--profile-case I] [--profile-kernel tc|tcn]");
+                eprintln!("unknown argument {other} {val}; usage: sdlm-kernel-bench [--iters N] [--matmul-tflops X] [--fp32-tflops Y] [--profile-case I] [--profile-kernel tc|tcn|tcn2]");
                 std::process::exit(2);
             }
         }
@@ -218,6 +221,7 @@ fn attention<T: CudaElement>(
             match kernel {
                 AttentionKernel::TensorCores => "tc",
                 AttentionKernel::TensorCoresNarrow => "tcn",
+                AttentionKernel::TensorCoresNarrowPairs => "tcn2",
                 AttentionKernel::CudaCores => "cc",
                 AttentionKernel::Auto => "auto",
             },
@@ -436,11 +440,17 @@ fn main() -> Res<()> {
         let tc = attention::<bf16>(&k, c, AttentionKernel::TensorCores, iters)?;
         let cc = attention::<bf16>(&k, c, AttentionKernel::CudaCores, iters)?;
         speedups.push(format!("{:.2}x  {}", cc.ms / tc.ms, tc.name));
-        // The narrow kernel where its 8 columns hold every query row of a kv head.
+        // The narrow kernels where their 8 columns hold every query row of a kv head.
         if c.query * c.shape.group() <= 8 {
             let tcn = attention::<bf16>(&k, c, AttentionKernel::TensorCoresNarrow, iters)?;
             narrow.push(format!("{:.2}x  {}", tc.ms / tcn.ms, tcn.name));
             rows.push(tcn);
+            if c.shape.num_kv_heads.is_multiple_of(2) {
+                let pairs =
+                    attention::<bf16>(&k, c, AttentionKernel::TensorCoresNarrowPairs, iters)?;
+                narrow.push(format!("{:.2}x  {}", tc.ms / pairs.ms, pairs.name));
+                rows.push(pairs);
+            }
         }
         rows.push(tc);
         rows.push(cc);

@@ -22,6 +22,10 @@ pub enum AttentionKernel {
     /// decoding with grouped heads). Correct for any batch, but slow for long queries: every 8
     /// rows stream all their keys. bf16/f16 only.
     TensorCoresNarrow,
+    /// `attention_tc_narrow.cu` with each CTA serving two neighbouring kv heads, whose K/V rows
+    /// of a key lie side by side in a page: one contiguous read of 2 x head_dim elements a key
+    /// instead of two CTAs reading every other head_dim. num_kv_heads must be even.
+    TensorCoresNarrowPairs,
 }
 
 /// STAGES in attention_tc.cu: K/V tiles in flight per CTA.
@@ -35,26 +39,46 @@ impl AttentionKernel {
             AttentionKernel::CudaCores | AttentionKernel::Auto => (256, 256 / (head_dim / 32)),
             // 4 warps of 16 rows
             AttentionKernel::TensorCores => (128, 64),
-            // 4 warps sharing 8 rows, 16 keys of each tile apiece
-            AttentionKernel::TensorCoresNarrow => (128, 8),
+            // 4 warps sharing 8 rows (of each kv head), 16 keys of each tile apiece
+            AttentionKernel::TensorCoresNarrow | AttentionKernel::TensorCoresNarrowPairs => {
+                (128, 8)
+            }
         }
     }
 
-    /// Dynamic shared memory of one CTA: the tensor-core kernels' K/V stages
-    /// (STAGES x 2 x KEYS x (D + 8) elements); the CUDA-core kernel's is static.
-    pub(crate) fn dynamic_smem_bytes(self, head_dim: usize, elem_bytes: usize) -> usize {
+    /// Kv heads one CTA serves (HG in attention_tc_narrow.cu).
+    fn kv_heads_per_cta(self) -> usize {
         match self {
-            AttentionKernel::TensorCores | AttentionKernel::TensorCoresNarrow => {
-                TC_STAGES * 2 * self.keys_per_tile(head_dim) * (head_dim + 8) * elem_bytes
-            }
-            _ => 0,
+            AttentionKernel::TensorCoresNarrowPairs => 2,
+            _ => 1,
         }
+    }
+
+    fn is_tensor_cores(self) -> bool {
+        matches!(
+            self,
+            AttentionKernel::TensorCores
+                | AttentionKernel::TensorCoresNarrow
+                | AttentionKernel::TensorCoresNarrowPairs
+        )
+    }
+
+    /// Dynamic shared memory of one CTA: the tensor-core kernels' K/V stages
+    /// (STAGES x 2 x KEYS x (HG x D + 8) elements); the CUDA-core kernel's is static.
+    pub(crate) fn dynamic_smem_bytes(self, head_dim: usize, elem_bytes: usize) -> usize {
+        if !self.is_tensor_cores() {
+            return 0;
+        }
+        let row = self.kv_heads_per_cta() * head_dim + 8;
+        TC_STAGES * 2 * self.keys_per_tile(head_dim) * row * elem_bytes
     }
 
     /// The kernel of this implementation whose name begins with `name`'s prefix, if any (the
     /// tensor-core kernels take more than the default 48 KiB of shared memory).
     pub(crate) fn of_function(name: &str) -> Option<Self> {
-        if name.starts_with("paged_attention_tcn_") {
+        if name.starts_with("paged_attention_tcn2_") {
+            Some(AttentionKernel::TensorCoresNarrowPairs)
+        } else if name.starts_with("paged_attention_tcn_") {
             Some(AttentionKernel::TensorCoresNarrow)
         } else if name.starts_with("paged_attention_tc_") {
             Some(AttentionKernel::TensorCores)
@@ -68,8 +92,9 @@ impl AttentionKernel {
         match self {
             AttentionKernel::TensorCores if head_dim <= 64 => 64,
             AttentionKernel::TensorCores => 32,
-            // 16 keys for each of 4 warps
+            // 16 keys for each of 4 warps, or of the 2 warps of each kv head
             AttentionKernel::TensorCoresNarrow => 64,
+            AttentionKernel::TensorCoresNarrowPairs => 32,
             _ => 4096 / head_dim,
         }
     }
@@ -237,7 +262,7 @@ impl CudaKernels {
         let kernel = match options.kernel {
             AttentionKernel::Auto if is_f32 => AttentionKernel::CudaCores,
             AttentionKernel::Auto => AttentionKernel::TensorCores,
-            AttentionKernel::TensorCores | AttentionKernel::TensorCoresNarrow if is_f32 => {
+            k if k.is_tensor_cores() && is_f32 => {
                 return Err(KernelError::Unsupported {
                     what: "dtype",
                     detail: "the tensor-core attention kernels take bf16 or f16, not f32".into(),
@@ -245,10 +270,22 @@ impl CudaKernels {
             }
             k => k,
         };
+        let heads_per_cta = kernel.kv_heads_per_cta();
+        if !kvh.is_multiple_of(heads_per_cta) {
+            return Err(KernelError::Unsupported {
+                what: "num_kv_heads",
+                detail: format!(
+                    "{kvh}; {kernel:?} serves {heads_per_cta} kv heads per CTA, so it must be a multiple of that"
+                ),
+            });
+        }
         let (threads, rows_per_cta) = kernel.geometry(d);
         let name = match kernel {
             AttentionKernel::TensorCores => format!("paged_attention_tc_{}_d{d}", T::NAME),
             AttentionKernel::TensorCoresNarrow => format!("paged_attention_tcn_{}_d{d}", T::NAME),
+            AttentionKernel::TensorCoresNarrowPairs => {
+                format!("paged_attention_tcn2_{}_d{d}", T::NAME)
+            }
             _ => format!("paged_attention_{}_d{d}", T::NAME),
         };
         let f = self.function(&name)?;
@@ -259,7 +296,8 @@ impl CudaKernels {
         let tile = kernel.keys_per_tile(d);
         let key_tiles = stats.max_keys.div_ceil(tile);
         let q_tiles = (stats.max_query_len * shape.group()).div_ceil(rows_per_cta);
-        let base_ctas = stats.num_seqs * kvh * q_tiles;
+        let head_groups = kvh / heads_per_cta;
+        let base_ctas = stats.num_seqs * head_groups * q_tiles;
         let wanted = match options.splits {
             SplitPolicy::Fixed(n) => n.clamp(1, MAX_SPLITS),
             SplitPolicy::Auto => auto_splits(base_ctas, ctas_per_sm * self.num_sms, key_tiles),
@@ -276,7 +314,7 @@ impl CudaKernels {
             grid_dim: (
                 q_tiles as u32,
                 num_splits as u32,
-                (stats.num_seqs * kvh) as u32,
+                (stats.num_seqs * head_groups) as u32,
             ),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,

@@ -111,7 +111,10 @@ fn function_names(module: &str) -> Vec<String> {
             })
             .collect(),
         "attention_tc" => tensor_core_names("paged_attention_tc"),
-        "attention_tc_narrow" => tensor_core_names("paged_attention_tcn"),
+        "attention_tc_narrow" => tensor_core_names("paged_attention_tcn")
+            .into_iter()
+            .chain(tensor_core_names("paged_attention_tcn2"))
+            .collect(),
         "kv_scatter" => per_dtype("kv_scatter").collect(),
         "rmsnorm" => per_dtype("residual_rmsnorm").collect(),
         "rope" => per_dtype("rope").collect(),
