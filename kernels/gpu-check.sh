@@ -13,9 +13,12 @@
 #  7. the shipped model loaded by HF transformers (the machine's PyTorch, on its CPU), scored
 #     next to `sdlm perplexity` (the development machines have no PyTorch);
 #  8. only when asked for ("profile"): Nsight Compute on the AR attention case of Qwen2.5's shape,
-#     the tensor-core kernel and the narrow ones, a few launches each.
+#     the tensor-core kernel and the narrow ones, a few launches each;
+#  9. only when asked for ("bf16"): step 3's decoding with `--dtype bf16` (cuBLAS in bf16, the
+#     tensor-core attention over bf16 pages in the step batcher), and the shipped model's greedy
+#     completions in bf16 on the GPU against f32 on the CPU, counted.
 # Writes everything under the folder given as $1 (default ./results) and prints the tables last.
-# Steps after it (parity engine e2e shipped bench sanitizer hf profile) run only those, for a second run
+# Steps after it (parity engine e2e shipped bench sanitizer hf profile bf16) run only those, for a second run
 # in a lease that has already measured the rest; the ceilings always run.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -185,6 +188,53 @@ if want hf; then
   summary+=("HF transformers against sdlm perplexity, shipped model: exit $?; $(tail -1 "$out/hf-check.txt")")
 fi
 
+if asked bf16; then
+  echo "== bf16 on the GPU"
+  model="${TMPDIR:-/tmp}/sdlm-random-qwen2-0.5b"
+  bf16_out="$out/bf16.txt"
+  if timeout 120 python3 "$here/random_qwen2.py" "$model" "$here/tokenizer.json" >"$out/random-model-bf16.log" 2>&1; then
+    {
+      for dtype in f32 bf16; do
+        echo "--dtype $dtype:"
+        timeout 120 "$sdlm" bench --device cuda --dtype "$dtype" --model "$model" \
+          --prompts "$here/prompts.jsonl" --limit 16 --max-new-tokens 64 \
+          --mode autoregressive,diffusion --block-size 4,32 --threshold 0.000001
+        echo "exit $?"
+      done
+      echo "--dtype bf16, the step batcher:"
+      timeout 120 "$sdlm" bench --device cuda --dtype bf16 --model "$model" \
+        --prompts "$here/prompts.jsonl" --limit 16 --max-new-tokens 64 \
+        --mode autoregressive,diffusion --block-size 4 --threshold 0.000001 --concurrency 1,16,64
+      echo "exit $?"
+    } >"$bf16_out" 2>&1
+    summary+=("bf16: $(grep -c '^exit 0' "$bf16_out") of 3 bench runs finished")
+  else
+    summary+=("bf16: making the random model failed (random-model-bf16.log)")
+  fi
+  rm -rf "$model"
+  # A trained model's completions in bf16 may part from f32's where two tokens are close:
+  # counted, not required to match.
+  timeout 120 python3 - "$sdlm" "$here/sdlm-tiny-code" "$here/prompts.jsonl" >>"$bf16_out" 2>&1 <<'PY'
+import json, subprocess, sys
+sdlm, model, prompts = sys.argv[1:4]
+rows = [json.loads(l)["prompt"] for l in open(prompts)][:6]
+for mode in ("autoregressive", "diffusion"):
+    same = 0
+    for p in rows:
+        out = {}
+        for dev, dtype in (("cpu", "f32"), ("cuda", "bf16")):
+            r = subprocess.run([sdlm, "generate", "--device", dev, "--dtype", dtype, "--model", model,
+                                "--mode", mode, "--max-new-tokens", "64", "--json", p],
+                               capture_output=True, text=True)
+            out[dev] = json.loads(r.stdout.strip().splitlines()[-1])["text"] if r.returncode == 0 else "ERROR " + r.stderr[-300:]
+        same += out["cpu"] == out["cuda"]
+        if out["cuda"].startswith("ERROR"):
+            print(f"{mode}: {out['cuda']}")
+    print(f"shipped model, {mode}: {same} of {len(rows)} completions in bf16 on cuda equal f32 on cpu")
+PY
+  summary+=("$(grep 'completions in bf16' "$bf16_out" | tr '\n' ';')")
+fi
+
 if asked profile; then
   echo "== ncu: AR attention, b16 ctx16384 14/2 d64"
   if command -v ncu >/dev/null; then
@@ -207,3 +257,4 @@ printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 [[ -f $out/bench.txt ]] && cat "$out/bench.txt"
 [[ -f $e2e ]] && cat "$e2e"
 [[ -f $out/tiny-bench.txt ]] && cat "$out/tiny-bench.txt"
+[[ -f $out/bf16.txt ]] && cat "$out/bf16.txt"

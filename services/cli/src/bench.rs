@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use sdlm_engine::decode::{decoder_for, Decoder, DecodingParams, Mode};
-use sdlm_engine::{device_named, open_model, Device, KvCache, Model, ModelConfig};
+use sdlm_engine::{device_named, open_model_in, Device, KvCache, Model, ModelConfig};
 
 use crate::parse_rate::{first_definition, parses};
 
@@ -54,6 +54,10 @@ pub struct Args {
     /// dequantized first).
     #[arg(long, default_value = "f32")]
     matmul_precision: sdlm_engine::MatmulPrecision,
+    /// What the model computes in on a GPU: f32, bf16 or f16 (bf16 and f16 take the
+    /// tensor-core attention kernel; on the CPU the model computes in f32).
+    #[arg(long, default_value = "f32")]
+    dtype: sdlm_engine::ComputeDtype,
     /// Use only the first N prompts.
     #[arg(long)]
     limit: Option<usize>,
@@ -114,7 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("give --model PATH (or --target ADDR for a gRPC load test)");
     };
     let device = device_named(&args.device)?;
-    let (mut model, tokenizer) = open_model(&model_path, &device)?;
+    let (mut model, tokenizer) = open_model_in(&model_path, &device, args.dtype)?;
     model.set_matmul_precision(args.matmul_precision)?;
     let has_mask = model.config().diffusion.mask_token_id.is_some();
     let modes = if args.mode.is_empty() {

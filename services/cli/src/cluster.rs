@@ -72,6 +72,10 @@ pub struct WorkerTuning {
     /// dequantized first).
     #[arg(long, env = "SDLM_MATMUL_PRECISION", default_value = "f32")]
     matmul_precision: sdlm_engine::MatmulPrecision,
+    /// What the model computes in on a GPU: f32, bf16 or f16 (bf16 and f16 take the
+    /// tensor-core attention kernel; on the CPU the model computes in f32).
+    #[arg(long, env = "SDLM_DTYPE", default_value = "f32")]
+    dtype: sdlm_engine::ComputeDtype,
     /// Bytes of KV cache (default: half of the available memory).
     #[arg(long, env = "SDLM_KV_CACHE_BYTES")]
     kv_cache_bytes: Option<usize>,
@@ -94,6 +98,7 @@ impl WorkerTuning {
     pub fn apply(&self, config: &mut sdlm_worker::WorkerConfig) {
         config.device = self.device.clone();
         config.matmul_precision = self.matmul_precision;
+        config.dtype = self.dtype;
         config.kv_cache_bytes = self.kv_cache_bytes;
         config.page_tokens = self.page_tokens;
         config.max_running = self.max_running;

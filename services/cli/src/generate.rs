@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use sdlm_engine::decode::{decoder_for, stop_string_cut, DecodingParams, FinishReason, Mode};
-use sdlm_engine::{device_named, open_model};
+use sdlm_engine::{device_named, open_model_in};
 
 /// Completes PROMPT (or standard input when PROMPT is absent or "-"). Diffusion decoding is the
 /// default for models with a mask token, autoregressive otherwise.
@@ -51,6 +51,10 @@ pub struct Args {
     /// dequantized first).
     #[arg(long, default_value = "f32")]
     matmul_precision: sdlm_engine::MatmulPrecision,
+    /// What the model computes in on a GPU: f32, bf16 or f16 (bf16 and f16 take the
+    /// tensor-core attention kernel; on the CPU the model computes in f32).
+    #[arg(long, default_value = "f32")]
+    dtype: sdlm_engine::ComputeDtype,
     prompt: Option<String>,
 }
 
@@ -65,7 +69,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Some(p) => p.to_string(),
     };
-    let (mut model, tokenizer) = open_model(&args.model, &device_named(&args.device)?)?;
+    let (mut model, tokenizer) =
+        open_model_in(&args.model, &device_named(&args.device)?, args.dtype)?;
     model.set_matmul_precision(args.matmul_precision)?;
     let defaults = DecodingParams::for_model(model.config());
     let params = DecodingParams {

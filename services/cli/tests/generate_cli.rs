@@ -109,6 +109,9 @@ fn bad_parameters_are_named() {
     refused("--threshold", "0", "threshold");
     refused("--device", "tpu", "device: \"tpu\"");
     refused("--matmul-precision", "fp8", "matmul_precision");
+    refused("--dtype", "fp8", "dtype is \"fp8\"");
+    // bf16 computation is a GPU setting; the CPU says which flag it has instead.
+    refused("--dtype", "bf16", "--matmul-precision bf16");
     let out = sdlm(&["generate", "--model", model.to_str().unwrap(), "x"], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("context of 64"));
     let out = sdlm(

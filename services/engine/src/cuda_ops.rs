@@ -53,28 +53,38 @@ pub fn greedy_choices_on_device(logits: &Tensor, banned: Option<u32>) -> Result<
 /// that takes a bare device slice reads. Copies only when `t` is not that already.
 #[cfg(feature = "cuda")]
 pub(crate) fn exact_f32(t: &Tensor) -> Result<Tensor> {
-    let t = t.to_dtype(candle_core::DType::F32)?;
-    Ok(if plain_f32(&t)? {
-        t
-    } else {
-        t.force_contiguous()?
-    })
+    exact(t, candle_core::DType::F32)
+}
+
+/// [`exact_f32`] for any dtype.
+#[cfg(feature = "cuda")]
+pub(crate) fn exact(t: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    let t = t.to_dtype(dtype)?;
+    Ok(if plain(&t)? { t } else { t.force_contiguous()? })
 }
 
 /// Whether `t` is f32 on a CUDA device and its buffer holds exactly its elements, in order.
 #[cfg(feature = "cuda")]
 fn plain_f32(t: &Tensor) -> Result<bool> {
+    Ok(t.dtype() == candle_core::DType::F32 && plain(t)?)
+}
+
+/// Whether `t` is on a CUDA device and its buffer holds exactly its elements, in order.
+#[cfg(feature = "cuda")]
+fn plain(t: &Tensor) -> Result<bool> {
     use candle_core::{DType, Storage};
 
     let (storage, layout) = t.storage_and_layout();
-    Ok(match &*storage {
-        Storage::Cuda(s) if t.dtype() == DType::F32 => {
-            layout.is_contiguous()
-                && layout.start_offset() == 0
-                && s.as_cuda_slice::<f32>()?.len() == t.elem_count()
-        }
-        _ => false,
-    })
+    let Storage::Cuda(s) = &*storage else {
+        return Ok(false);
+    };
+    let buffer = match t.dtype() {
+        DType::F32 => s.as_cuda_slice::<f32>()?.len(),
+        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.len(),
+        DType::F16 => s.as_cuda_slice::<half::f16>()?.len(),
+        _ => return Ok(false),
+    };
+    Ok(layout.is_contiguous() && layout.start_offset() == 0 && buffer == t.elem_count())
 }
 
 /// The kernels loaded into a candle device's context, bound to its stream; loaded once per

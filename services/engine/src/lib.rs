@@ -24,8 +24,9 @@ pub use device::device_named;
 pub use error::{EngineError, Result};
 pub use mask::{twin_mask, MaskRule};
 pub use model::{
-    ForwardFuture, KvCache, LogitRows, MatmulPrecision, Model, PagedSeq, SequenceCache,
+    ComputeDtype, ForwardFuture, KvCache, LogitRows, MatmulPrecision, Model, PagedSeq,
+    SequenceCache,
 };
 pub use perplexity::{score_tokens, Score, TokenScore};
 pub use tokenizer::load_tokenizer;
-pub use weights::{load_model, open_model, safetensors_files};
+pub use weights::{load_model, open_model, open_model_in, safetensors_files};

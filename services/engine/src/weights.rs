@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::{load_gguf_model, GgufFile};
 use crate::gguf_tokenizer::tokenizer_from_gguf;
-use crate::model::Model;
+use crate::model::{ComputeDtype, Model};
 use crate::tokenizer::load_tokenizer;
 
 /// The safetensors files of a model directory, in a stable order.
@@ -81,7 +81,24 @@ pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
 /// A model and its tokenizer, from a directory (config.json, safetensors, tokenizer.json) or from
 /// one `.gguf` file. Weights are computed in f32 on the CPU path (GGUF weights stay quantized).
 pub fn open_model(path: &Path, device: &Device) -> Result<(Model, tokenizers::Tokenizer)> {
+    open_model_in(path, device, ComputeDtype::F32)
+}
+
+/// [`open_model`] computing in `dtype` (bf16 and f16 on a GPU only; a GGUF file in f32 only).
+pub fn open_model_in(
+    path: &Path,
+    device: &Device,
+    dtype: ComputeDtype,
+) -> Result<(Model, tokenizers::Tokenizer)> {
+    dtype.check(device)?;
     if path.is_file() {
+        if dtype != ComputeDtype::F32 {
+            return Err(EngineError::Input(format!(
+                "dtype {dtype} applies to a safetensors model directory; {} is a file (GGUF \
+                 weights are dequantized to f32)",
+                path.display()
+            )));
+        }
         if path.extension().is_some_and(|e| e == "gguf") {
             let file = GgufFile::open(path, device)?;
             return Ok((load_gguf_model(&file)?, tokenizer_from_gguf(&file)?));
@@ -91,5 +108,8 @@ pub fn open_model(path: &Path, device: &Device) -> Result<(Model, tokenizers::To
             "is neither a model directory nor a .gguf file",
         ));
     }
-    Ok((load_model(path, device, DType::F32)?, load_tokenizer(path)?))
+    Ok((
+        load_model(path, device, dtype.dtype())?,
+        load_tokenizer(path)?,
+    ))
 }

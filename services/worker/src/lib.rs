@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sdlm_engine::decode::ModelLimits;
-use sdlm_engine::{device_named, open_model};
+use sdlm_engine::{device_named, open_model_in};
 use sdlm_proto::v1::worker_server::WorkerServer;
 use sdlm_runtime::etcd::{LeasedKey, WorkerRecord, WORKERS_PREFIX};
 use sdlm_runtime::Link;
@@ -49,6 +49,8 @@ pub struct WorkerConfig {
     pub device: String,
     /// How CPU forwards multiply by dense weights (`sdlm_engine::MatmulPrecision`).
     pub matmul_precision: sdlm_engine::MatmulPrecision,
+    /// What the model computes in on a GPU (`sdlm_engine::ComputeDtype`).
+    pub dtype: sdlm_engine::ComputeDtype,
     /// The name clients ask for; default: the model directory's or file's name.
     pub model_name: Option<String>,
     pub listen: SocketAddr,
@@ -75,6 +77,7 @@ impl WorkerConfig {
             model,
             device: "cpu".into(),
             matmul_precision: Default::default(),
+            dtype: Default::default(),
             model_name: None,
             listen,
             advertise: None,
@@ -113,9 +116,9 @@ pub async fn start(
 ) -> Result<StartedWorker, WorkerError> {
     let path = config.model.clone();
     let device = device_named(&config.device)?;
-    let precision = config.matmul_precision;
+    let (precision, dtype) = (config.matmul_precision, config.dtype);
     let (model, tokenizer) = tokio::task::spawn_blocking(move || {
-        let (mut model, tokenizer) = open_model(&path, &device)?;
+        let (mut model, tokenizer) = open_model_in(&path, &device, dtype)?;
         model.set_matmul_precision(precision)?;
         Ok::<_, sdlm_engine::EngineError>((model, tokenizer))
     })
@@ -141,7 +144,7 @@ pub async fn start(
     let kv_bytes = config
         .kv_cache_bytes
         .unwrap_or_else(|| pages::default_kv_cache_bytes(model.device()));
-    let pages = pages::PageBudget::new(kv_bytes, config.page_tokens, model.config());
+    let pages = pages::PageBudget::new(kv_bytes, config.page_tokens, &model);
     let limits = ModelLimits::of(model.config());
     let mask_token_id = model.config().diffusion.mask_token_id;
     let engine = Arc::new(

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use sdlm_engine::ModelConfig;
+use sdlm_engine::Model;
 
 pub const DEFAULT_PAGE_TOKENS: usize = 16;
 
@@ -39,9 +39,16 @@ impl Drop for Pages {
     }
 }
 
-/// Bytes one token's keys and values take in every layer (f32 on the CPU path).
-pub fn kv_bytes_per_token(config: &ModelConfig) -> usize {
-    2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+/// Bytes one token's keys and values take in every layer: f32 in host pages, the model's
+/// dtype in device pages.
+pub fn kv_bytes_per_token(model: &Model) -> usize {
+    let c = model.config();
+    let elem = if model.device().is_cpu() {
+        4
+    } else {
+        model.dtype().size_in_bytes()
+    };
+    2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
 }
 
 /// The default KV budget: half of the GPU's free memory (read after the weights are loaded)
@@ -64,9 +71,9 @@ pub fn default_kv_cache_bytes(device: &sdlm_engine::Device) -> usize {
 }
 
 impl PageBudget {
-    pub fn new(kv_cache_bytes: usize, page_tokens: usize, config: &ModelConfig) -> Arc<Self> {
+    pub fn new(kv_cache_bytes: usize, page_tokens: usize, model: &Model) -> Arc<Self> {
         let page_tokens = page_tokens.max(1);
-        let total = kv_cache_bytes / (page_tokens * kv_bytes_per_token(config)).max(1);
+        let total = kv_cache_bytes / (page_tokens * kv_bytes_per_token(model)).max(1);
         sdlm_runtime::metrics().kv_pages_total.set(total as i64);
         Arc::new(Self {
             total,

@@ -15,23 +15,50 @@ mod present {
     use std::sync::Arc;
 
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
-    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
     use candle_core::op::BackpropOp;
     use candle_core::{DType, Device, Storage, Tensor};
+    use half::{bf16, f16};
     use sdlm_kernels::cuda::{
-        AttentionOptions, AttentionWorkspace, CudaKernels, DeviceRaggedBatch,
+        AttentionOptions, AttentionWorkspace, CudaElement, CudaKernels, DeviceRaggedBatch,
     };
     use sdlm_kernels::{AttentionShape, KernelError, RaggedBatch};
 
-    use crate::cuda_ops::{exact_f32, kernels_for};
+    use crate::cuda_ops::{exact, kernels_for};
     use crate::error::{EngineError, Result};
 
     pub(crate) struct DevicePages {
         kernels: Arc<CudaKernels>,
         device: CudaDevice,
-        k: Vec<CudaSlice<f32>>,
-        v: Vec<CudaSlice<f32>>,
+        pages: Pages,
         workspace: AttentionWorkspace,
+    }
+
+    /// Per layer, the K and V pages in the model's dtype: f32 takes the CUDA-core attention
+    /// kernel, bf16 and f16 the tensor-core one.
+    enum Pages {
+        F32(Vec<(CudaSlice<f32>, CudaSlice<f32>)>),
+        Bf16(Vec<(CudaSlice<bf16>, CudaSlice<bf16>)>),
+        F16(Vec<(CudaSlice<f16>, CudaSlice<f16>)>),
+    }
+
+    impl Pages {
+        fn layers(&self) -> usize {
+            match self {
+                Pages::F32(l) => l.len(),
+                Pages::Bf16(l) => l.len(),
+                Pages::F16(l) => l.len(),
+            }
+        }
+
+        /// Elements of one layer's K (or V) pages.
+        fn elems(&self) -> usize {
+            match self {
+                Pages::F32(l) => l.first().map_or(0, |p| p.0.len()),
+                Pages::Bf16(l) => l.first().map_or(0, |p| p.0.len()),
+                Pages::F16(l) => l.first().map_or(0, |p| p.0.len()),
+            }
+        }
     }
 
     /// A paged forward's batch on the device: the ragged batch's index arrays, and per new
@@ -42,25 +69,47 @@ mod present {
         tokens: usize,
     }
 
+    fn zeroed<T: CudaElement>(
+        kernels: &CudaKernels,
+        layers: usize,
+        elems: usize,
+    ) -> Result<Vec<(CudaSlice<T>, CudaSlice<T>)>> {
+        let stream = kernels.stream();
+        let zeros = || {
+            stream
+                .alloc_zeros::<T>(elems.max(1))
+                .map_err(KernelError::from)
+        };
+        (0..layers).map(|_| Ok((zeros()?, zeros()?))).collect()
+    }
+
     impl DevicePages {
-        /// Zeroed pages (`elems` per layer, K and V) on `device`; `None` for a CPU device.
-        pub(crate) fn new(device: &Device, layers: usize, elems: usize) -> Result<Option<Self>> {
+        /// Zeroed pages (`elems` per layer, K and V) in `dtype` on `device`; `None` for a CPU
+        /// device.
+        pub(crate) fn new(
+            device: &Device,
+            dtype: DType,
+            layers: usize,
+            elems: usize,
+        ) -> Result<Option<Self>> {
             let Device::Cuda(device) = device else {
                 return Ok(None);
             };
             let kernels = kernels_for(device)?;
-            let stream = kernels.stream();
-            let zeros = || stream.alloc_zeros::<f32>(elems.max(1));
-            let (mut k, mut v) = (Vec::new(), Vec::new());
-            for _ in 0..layers {
-                k.push(zeros().map_err(KernelError::from)?);
-                v.push(zeros().map_err(KernelError::from)?);
-            }
+            let pages = match dtype {
+                DType::F32 => Pages::F32(zeroed(&kernels, layers, elems)?),
+                DType::BF16 => Pages::Bf16(zeroed(&kernels, layers, elems)?),
+                DType::F16 => Pages::F16(zeroed(&kernels, layers, elems)?),
+                other => {
+                    return Err(EngineError::Input(format!(
+                        "KV pages in {other:?}: the attention kernels take f32, bf16 or f16"
+                    )))
+                }
+            };
             Ok(Some(Self {
                 kernels,
                 device: device.clone(),
-                k,
-                v,
+                pages,
                 workspace: AttentionWorkspace::default(),
             }))
         }
@@ -73,7 +122,7 @@ mod present {
             batch: &RaggedBatch<'_>,
             slots: &[i32],
         ) -> Result<DeviceBatch> {
-            let pages = self.k.first().map_or(0, |k| k.len() / shape.page_elems());
+            let pages = self.pages.elems() / shape.page_elems();
             let ragged = DeviceRaggedBatch::upload(&self.kernels, shape, batch, pages)?;
             let tokens = ragged.stats().num_tokens;
             if slots.len() != tokens {
@@ -99,7 +148,7 @@ mod present {
 
         /// Attention of the batch's new tokens (`q`: `[tokens, heads, head_dim]`, `k`/`v`:
         /// `[tokens, kv_heads, head_dim]`, on this device) in `layer`; then their committed rows
-        /// are written into the pages. Returns `[tokens, heads × head_dim]` f32.
+        /// are written into the pages. Returns `[tokens, heads × head_dim]` in the pages' dtype.
         #[allow(clippy::too_many_arguments)]
         pub(crate) fn attend_and_commit(
             &mut self,
@@ -110,14 +159,46 @@ mod present {
             v: &Tensor,
             scale: f32,
         ) -> Result<Tensor> {
-            let layers = self.k.len();
-            let (Some(k_pages), Some(v_pages)) = (self.k.get_mut(layer), self.v.get_mut(layer))
-            else {
-                return Err(EngineError::Input(format!(
-                    "layer {layer}: the KV storage has {layers} layers"
-                )));
+            let layers = self.pages.layers();
+            let missing =
+                || EngineError::Input(format!("layer {layer}: the KV storage has {layers} layers"));
+            let mut run = Attend {
+                kernels: &self.kernels,
+                device: &self.device,
+                workspace: &mut self.workspace,
+                batch,
+                scale,
             };
-            let (q, k, v) = (exact_f32(q)?, exact_f32(k)?, exact_f32(v)?);
+            match &mut self.pages {
+                Pages::F32(l) => run.layer(l.get_mut(layer).ok_or_else(missing)?, q, k, v),
+                Pages::Bf16(l) => run.layer(l.get_mut(layer).ok_or_else(missing)?, q, k, v),
+                Pages::F16(l) => run.layer(l.get_mut(layer).ok_or_else(missing)?, q, k, v),
+            }
+        }
+    }
+
+    /// One layer's attention and commit, for pages of element type T.
+    struct Attend<'a> {
+        kernels: &'a CudaKernels,
+        device: &'a CudaDevice,
+        workspace: &'a mut AttentionWorkspace,
+        batch: &'a DeviceBatch,
+        scale: f32,
+    }
+
+    impl Attend<'_> {
+        fn layer<T: CudaElement + CudaDType + candle_core::WithDType>(
+            &mut self,
+            (k_pages, v_pages): &mut (CudaSlice<T>, CudaSlice<T>),
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+        ) -> Result<Tensor> {
+            let (q, k, v) = (
+                exact(q, T::DTYPE)?,
+                exact(k, T::DTYPE)?,
+                exact(v, T::DTYPE)?,
+            );
             let (qs, _) = q.storage_and_layout();
             let (ks, _) = k.storage_and_layout();
             let (vs, _) = v.storage_and_layout();
@@ -128,42 +209,41 @@ mod present {
                 ));
             };
             let (q, k, v) = (
-                qs.as_cuda_slice::<f32>()?,
-                ks.as_cuda_slice::<f32>()?,
-                vs.as_cuda_slice::<f32>()?,
+                qs.as_cuda_slice::<T>()?,
+                ks.as_cuda_slice::<T>()?,
+                vs.as_cuda_slice::<T>()?,
             );
-            let stream = self.kernels.stream();
-            let mut out = stream
-                .alloc_zeros::<f32>(q.len().max(1))
+            let mut out = self
+                .kernels
+                .stream()
+                .alloc_zeros::<T>(q.len().max(1))
                 .map_err(KernelError::from)?;
             self.kernels.paged_attention(
-                &batch.ragged,
+                &self.batch.ragged,
                 q,
                 k,
                 v,
                 k_pages,
                 v_pages,
-                scale,
+                self.scale,
                 &mut out,
-                &mut self.workspace,
+                self.workspace,
                 AttentionOptions::default(),
             )?;
-            if batch.tokens > 0 {
-                let row = k.len() / batch.tokens;
+            let rows = self.batch.tokens;
+            if rows > 0 {
+                let row = k.len() / rows;
                 self.kernels
-                    .kv_scatter(row, k, v, &batch.slots, k_pages, v_pages)?;
+                    .kv_scatter(row, k, v, &self.batch.slots, k_pages, v_pages)?;
             }
-            let rows = batch.tokens;
             let width = q.len() / rows.max(1);
             let storage = CudaStorage::wrap_cuda_slice(out, self.device.clone());
-            let out = Tensor::from_storage(
+            Ok(Tensor::from_storage(
                 Storage::Cuda(storage),
                 (rows, width),
                 BackpropOp::none(),
                 false,
-            );
-            debug_assert_eq!(out.dtype(), DType::F32);
-            Ok(out)
+            ))
         }
     }
 }
@@ -179,7 +259,12 @@ mod absent {
     pub(crate) enum DeviceBatch {}
 
     impl DevicePages {
-        pub(crate) fn new(device: &Device, _layers: usize, _elems: usize) -> Result<Option<Self>> {
+        pub(crate) fn new(
+            device: &Device,
+            _dtype: candle_core::DType,
+            _layers: usize,
+            _elems: usize,
+        ) -> Result<Option<Self>> {
             match device {
                 Device::Cpu => Ok(None),
                 other => Err(EngineError::Input(format!(

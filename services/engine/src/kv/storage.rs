@@ -3,7 +3,7 @@
 //! CUDA kernels use, in host memory or (with a CUDA model) on the device. A committed block's
 //! K/V rows are written once, through its block table.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use rayon::prelude::*;
 use sdlm_kernels::{AttentionShape, KernelError};
 
@@ -39,15 +39,17 @@ impl KvStorage {
         }
     }
 
-    /// Storage where `device`'s model runs: host memory for the CPU, device memory for a GPU.
+    /// Storage where `device`'s model runs: host memory (f32) for the CPU, device memory in
+    /// the model's `dtype` for a GPU.
     pub fn on(
         device: &Device,
+        dtype: DType,
         layers: usize,
         num_pages: usize,
         shape: AttentionShape,
     ) -> Result<Self> {
         Ok(
-            match DevicePages::new(device, layers, num_pages * shape.page_elems())? {
+            match DevicePages::new(device, dtype, layers, num_pages * shape.page_elems())? {
                 Some(pages) => Self {
                     shape,
                     pages: Pages::Device(pages),

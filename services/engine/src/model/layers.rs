@@ -1,6 +1,6 @@
 //! The layers of [`super::Model`], each a `new(config, vb)` and a `forward`.
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::RmsNorm;
 use sdlm_kernels::reference::RopeTable;
 
@@ -65,8 +65,9 @@ use crate::config::ModelConfig;
 use crate::error::EngineError;
 
 /// cos/sin tables for every position the model supports, from the kernels' RopeTable so that the
-/// CPU and CUDA paths rotate by the same numbers; the table itself too, for rotating rows in
-/// place (the paged forward on the CPU).
+/// CPU and CUDA paths rotate by the same numbers, in the model's dtype (candle's rope takes one
+/// dtype for all three); the f32 table itself too, for rotating rows in place (the paged forward
+/// on the CPU).
 pub(super) struct Rotary {
     cos: Tensor,
     sin: Tensor,
@@ -74,7 +75,7 @@ pub(super) struct Rotary {
 }
 
 impl Rotary {
-    pub(super) fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
+    pub(super) fn new(config: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
         let table = RopeTable::new(
             config.head_dim,
             config.rope_theta as f32,
@@ -83,8 +84,8 @@ impl Rotary {
         let half = config.head_dim / 2;
         let shape = (config.max_position_embeddings, half);
         Ok(Self {
-            cos: Tensor::from_slice(&table.cos, shape, device)?,
-            sin: Tensor::from_slice(&table.sin, shape, device)?,
+            cos: Tensor::from_slice(&table.cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_slice(&table.sin, shape, device)?.to_dtype(dtype)?,
             table,
         })
     }

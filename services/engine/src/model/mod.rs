@@ -9,6 +9,7 @@ mod amx_bf16;
 mod bf16_lines;
 mod bf16_round;
 mod cache;
+mod compute_dtype;
 mod f32_rows;
 mod ggml_rounding;
 mod layers;
@@ -38,6 +39,7 @@ use layers::{DecoderLayer, Ops, Rotary};
 use source::{Proj, Safetensors, WeightSource};
 
 pub use cache::{ForwardFuture, KvCache, SequenceCache};
+pub use compute_dtype::ComputeDtype;
 pub use logit_rows::LogitRows;
 pub(crate) use op_inputs::contiguous_f32;
 pub use paged::PagedSeq;
@@ -68,7 +70,7 @@ impl Model {
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let embed_tokens =
             Embedding::new(w.embedding("model.embed_tokens", vocab, hidden)?, hidden);
-        let rotary = Rotary::new(config, device)?;
+        let rotary = Rotary::new(config, device, embed_tokens.embeddings().dtype())?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::new(config, w, &format!("model.layers.{i}")))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -320,6 +322,8 @@ impl Model {
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (cos, sin) = self.rotary.at(positions)?;
         let mut x = self.embed_tokens.forward(input_ids)?;
+        // The additive mask joins the scores in the model's dtype (a no-op for f32).
+        let mask = &mask.to_dtype(x.dtype())?;
         let mut kv = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = past.and_then(|p| p.get(i));
@@ -332,6 +336,11 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         self.embed_tokens.embeddings().device()
+    }
+
+    /// The dtype the model computes in: its weights' as loaded (`load_model`'s `dtype`).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
     }
 }
 

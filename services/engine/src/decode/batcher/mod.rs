@@ -217,6 +217,7 @@ impl<'m> StepBatcher<'m> {
     pub fn new(model: &'m Model, pool: PagePool) -> Result<Self> {
         let storage = KvStorage::on(
             model.device(),
+            model.dtype(),
             model.config().num_hidden_layers,
             pool.total(),
             model.attention_shape(pool.page_tokens()),
