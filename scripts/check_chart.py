@@ -166,13 +166,21 @@ def main():
     check(secret is not None and "k" * 32 in secret["stringData"]["api-keys"], "api keys: no Secret with the key")
     env = {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
     check(env.get("SDLM_API_KEYS") == "/etc/sdlm/api-keys/api-keys", "api keys: the gateway is not given the file")
-    # A CPU worker's matmul precision reaches it; a GPU worker gets none (a CPU setting).
-    for gpu, want in [(False, "bf16"), (True, None)]:
-        out = chart.render({"worker": {"matmulPrecision": "bf16", "gpu": {"enabled": gpu}}}, name="sdlm", namespace="sdlm")
+    # A CPU worker's matmul precision reaches it and a GPU worker's dtype reaches that one; each
+    # gets only its own (the CPU refuses a narrow dtype, and the precision is a CPU setting).
+    for gpu, want, want_dtype in [(False, "bf16", None), (True, None, "bf16")]:
+        values = {"worker": {"matmulPrecision": "bf16", "gpu": {"enabled": gpu, "dtype": "bf16"}}}
+        out = chart.render(values, name="sdlm", namespace="sdlm")
         objs = [d for t in out.values() for d in yaml.safe_load_all(t) if d]
         worker = find(objs, "StatefulSet", "sdlm-worker")
         env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
         check(env.get("SDLM_MATMUL_PRECISION") == want, f"matmul precision (gpu {gpu}): {env.get('SDLM_MATMUL_PRECISION')}")
+        check(env.get("SDLM_DTYPE") == want_dtype, f"dtype (gpu {gpu}): {env.get('SDLM_DTYPE')}")
+    try:
+        chart.render({"worker": {"gpu": {"enabled": True, "dtype": "fp8"}}}, name="sdlm", namespace="sdlm")
+        check(False, "schema: worker.gpu.dtype fp8 was accepted")
+    except helm.HelmError as e:
+        check("dtype" in str(e), f"schema: the error does not name the field: {e}")
     try:
         chart.render({"worker": {"matmulPrecision": "fp8"}}, name="sdlm", namespace="sdlm")
         check(False, "schema: worker.matmulPrecision fp8 was accepted")
