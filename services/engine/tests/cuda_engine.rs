@@ -7,12 +7,13 @@
 
 mod common;
 
-use common::mixed::{alone, batched, requests, shipped_model};
+use common::mixed::{alone, batched, requests, shipped_model, shipped_model_in};
+use common::paged_script::alone_and_paged;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sdlm_engine::decode::{DecodingParams, Sampler};
-use sdlm_engine::kv::PagePool;
-use sdlm_engine::{greedy_choices_on_device, Device, Tensor};
+use sdlm_engine::kv::{KvStorage, PagePool};
+use sdlm_engine::{greedy_choices_on_device, ComputeDtype, Device, Model, Tensor};
 
 #[test]
 fn device_choices_equal_the_cpu_sampler_with_the_banned_token_left_out() {
@@ -76,6 +77,51 @@ fn the_step_batcher_on_the_gpu_gives_each_sequence_what_the_cpu_gives_it_alone()
         let (got, _) = batched(&gpu_model, &reqs, pool);
         for (i, (g, w)) in got.iter().zip(&alone).enumerate() {
             assert_eq!(g, w, "request {i} ({:?})", reqs[i].1.mode);
+        }
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ over all elements.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let norm = |t: &Tensor| -> f32 {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    norm(&(a - b).unwrap()) / norm(b)
+}
+
+#[test]
+fn the_paged_forward_on_the_gpu_gives_each_sequence_its_logits_alone_in_f32_and_bf16() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    // f32: the paged kernel and candle's dense attention sum in other orders. bf16: each path
+    // rounds its own activations (and the pages hold bf16, taking the tensor-core kernel):
+    // eight machine epsilons, as tests/half_precision.rs allows against f32.
+    for (dtype, tolerance) in [
+        (ComputeDtype::F32, 1e-4),
+        (ComputeDtype::Bf16, 8.0 * f32::from(half::bf16::EPSILON)),
+    ] {
+        let (model, _) = shipped_model_in(&gpu, dtype);
+        let device_pages = |m: &Model, pool: &PagePool| {
+            KvStorage::on(
+                m.device(),
+                m.dtype(),
+                m.config().num_hidden_layers,
+                pool.total(),
+                m.attention_shape(4),
+            )
+            .unwrap()
+        };
+        for (s, steps) in alone_and_paged(&model, device_pages).iter().enumerate() {
+            for (step, (alone, paged)) in steps.iter().enumerate() {
+                let err = rel_err(paged, alone);
+                eprintln!("{dtype} sequence {s}, step {step}: relative error {err:e}");
+                assert!(err <= tolerance, "{dtype} sequence {s}, step {step}: {err}");
+            }
         }
     }
 }

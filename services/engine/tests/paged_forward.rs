@@ -1,13 +1,14 @@
 //! The paged forward of a ragged batch against each sequence run alone through the contiguous
 //! KV cache (`forward_cached`, itself tested against full recomputation in decode.rs), on the
-//! shipped diffusion model: prefill of prompts of different lengths, diffusion blocks of
-//! different sizes and a one-token AR row in one batch, a commit of a finished block together
-//! with the next block's masks, and blocks that read those committed pages afterwards.
+//! shipped diffusion model (the batch's script: tests/common/paged_script.rs).
+
+mod common;
 
 use std::path::PathBuf;
 
+use common::paged_script::alone_and_paged;
 use sdlm_engine::kv::{BlockTable, KvStorage, PagePool};
-use sdlm_engine::{open_model, Device, KvCache, LogitRows, Model, PagedSeq, Tensor};
+use sdlm_engine::{open_model, Device, LogitRows, Model, PagedSeq, Tensor};
 
 fn shipped_model() -> Model {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code");
@@ -19,152 +20,18 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     d.max(0).unwrap().to_scalar().unwrap()
 }
 
-/// Rows of each sequence in a batch's logits.
-fn split(logits: &Tensor, lens: &[usize]) -> Vec<Tensor> {
-    let mut at = 0;
-    lens.iter()
-        .map(|&n| {
-            let t = logits.narrow(0, at, n).unwrap();
-            at += n;
-            t
-        })
-        .collect()
-}
-
-/// One sequence's script: a prompt, then blocks of `block` tokens.
-struct Script {
-    prompt: Vec<u32>,
-    block: usize,
-}
-
-/// One paged forward's sequences: each script's tokens from `inputs`, with the (context,
-/// query block, commit) that `plan` gives for it.
-fn batch<'a>(
-    scripts: &[Script],
-    tables: &'a [BlockTable],
-    inputs: &'a [Vec<u32>],
-    plan: impl Fn(&Script) -> (usize, usize, usize),
-) -> Vec<PagedSeq<'a>> {
-    scripts
-        .iter()
-        .zip(tables)
-        .zip(inputs)
-        .map(|((sc, table), tokens)| {
-            let (context, query_block, commit) = plan(sc);
-            PagedSeq {
-                tokens,
-                table: table.view(),
-                context,
-                query_block,
-                commit,
-                logits: LogitRows::All,
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn a_ragged_paged_batch_equals_each_sequence_run_alone() {
     let model = shipped_model();
-    let mask = model.config().diffusion.mask_token_id.unwrap();
-    let vocab = model.config().vocab_size as u32;
-    let token = |i: usize| (i as u32 * 7919 + 11) % (vocab - 10) + 10;
-    let scripts: Vec<Script> = [(5, 4), (17, 8), (33, 1), (2, 32)]
-        .iter()
-        .enumerate()
-        .map(|(s, &(len, block))| Script {
-            prompt: (0..len).map(|i| token(i + 100 * s)).collect(),
-            block,
-        })
-        .collect();
-    // Each block: its committed tokens and the masks the decoder would run.
-    let finished = |s: usize, b: usize, n: usize| -> Vec<u32> {
-        (0..n).map(|i| token(1000 + 100 * s + 10 * b + i)).collect()
+    let host = |m: &Model, pool: &PagePool| {
+        KvStorage::new(
+            m.config().num_hidden_layers,
+            pool.total(),
+            m.attention_shape(4),
+        )
     };
-    let masks = |n: usize| vec![mask; n];
-
-    // Alone: the contiguous cache, one sequence at a time.
-    let mut want: Vec<Vec<Tensor>> = Vec::new();
-    for (s, sc) in scripts.iter().enumerate() {
-        let mut cache = KvCache::new();
-        let b = sc.block;
-        let mut steps = Vec::new();
-        steps.push(
-            model
-                .forward_cached(&sc.prompt, &mut cache, 1, true)
-                .unwrap(),
-        );
-        steps.push(
-            model
-                .forward_cached(&masks(b), &mut cache, b, false)
-                .unwrap(),
-        );
-        let mut commit_then_next = finished(s, 0, b);
-        commit_then_next.extend(masks(b));
-        steps.push(
-            model
-                .forward_cached_committing(&commit_then_next, &mut cache, b, b)
-                .unwrap(),
-        );
-        steps.push(
-            model
-                .forward_cached(&masks(b), &mut cache, b, false)
-                .unwrap(),
-        );
-        want.push(steps);
-    }
-
-    // Together: one paged forward per step for all four sequences, pages of 4 tokens.
-    let pool = PagePool::new(64, 4);
-    let mut storage = KvStorage::new(
-        model.config().num_hidden_layers,
-        pool.total(),
-        model.attention_shape(4),
-    );
-    let _held = pool.allocate(); // the tables' pages do not start at 0
-    let mut tables: Vec<BlockTable> = scripts.iter().map(|_| BlockTable::new()).collect();
-    for (table, sc) in tables.iter_mut().zip(&scripts) {
-        table.commit(&pool, &sc.prompt).unwrap();
-    }
-    let mut got: Vec<Vec<Tensor>> = scripts.iter().map(|_| Vec::new()).collect();
-    let run = |seqs: &[PagedSeq<'_>], storage: &mut KvStorage, got: &mut Vec<Vec<Tensor>>| {
-        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
-        let logits = model.forward_paged(seqs, storage).unwrap();
-        for (g, part) in got.iter_mut().zip(split(&logits, &lens)) {
-            g.push(part);
-        }
-    };
-    // Prefill: each prompt causal, committed.
-    let prompts: Vec<Vec<u32>> = scripts.iter().map(|sc| sc.prompt.clone()).collect();
-    let seqs = batch(&scripts, &tables, &prompts, |sc| (0, 1, sc.prompt.len()));
-    run(&seqs, &mut storage, &mut got);
-    // A denoising step of each open block: nothing written.
-    let blocks: Vec<Vec<u32>> = scripts.iter().map(|sc| masks(sc.block)).collect();
-    let seqs = batch(&scripts, &tables, &blocks, |sc| {
-        (sc.prompt.len(), sc.block, 0)
-    });
-    run(&seqs, &mut storage, &mut got);
-    // The finished block committed by the next block's first forward.
-    let mut inputs = Vec::new();
-    for (s, (table, sc)) in tables.iter_mut().zip(&scripts).enumerate() {
-        let done = finished(s, 0, sc.block);
-        table.commit(&pool, &done).unwrap();
-        let mut input = done;
-        input.extend(masks(sc.block));
-        inputs.push(input);
-    }
-    let seqs = batch(&scripts, &tables, &inputs, |sc| {
-        (sc.prompt.len(), sc.block, sc.block)
-    });
-    run(&seqs, &mut storage, &mut got);
-    // The next block reads the committed block from the pages.
-    let seqs = batch(&scripts, &tables, &blocks, |sc| {
-        (sc.prompt.len() + sc.block, sc.block, 0)
-    });
-    run(&seqs, &mut storage, &mut got);
-
-    for (s, (w, g)) in want.iter().zip(&got).enumerate() {
-        for (step, (a, b)) in w.iter().zip(g).enumerate() {
+    for (s, steps) in alone_and_paged(&model, host).iter().enumerate() {
+        for (step, (a, b)) in steps.iter().enumerate() {
             let diff = max_abs_diff(a, b);
             eprintln!("sequence {s}, step {step}: max |Δlogit| = {diff:e}");
             assert!(diff <= 1e-4, "sequence {s}, step {step}: {diff}");

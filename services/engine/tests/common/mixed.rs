@@ -5,16 +5,21 @@ use std::path::PathBuf;
 
 use sdlm_engine::decode::{decoder_for, DecodingParams, Mode, StepBatcher};
 use sdlm_engine::kv::PagePool;
-use sdlm_engine::{open_model, Device, Model};
+use sdlm_engine::{open_model_in, ComputeDtype, Device, Model};
 
 /// The shipped model on `device`: `SDLM_TINY_MODEL` when set (gpu-check.sh sets it: the GPU
 /// test runs from the bundle), else the checkout's.
 pub fn shipped_model(device: &Device) -> (Model, tokenizers::Tokenizer) {
+    shipped_model_in(device, ComputeDtype::F32)
+}
+
+/// [`shipped_model`] computing in `dtype`.
+pub fn shipped_model_in(device: &Device, dtype: ComputeDtype) -> (Model, tokenizers::Tokenizer) {
     let dir = std::env::var_os("SDLM_TINY_MODEL").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sdlm-tiny-code"),
         PathBuf::from,
     );
-    open_model(&dir, device).expect("the shipped model")
+    open_model_in(&dir, device, dtype).expect("the shipped model")
 }
 
 /// 16 requests: code prompts of different lengths, each with its own block size and mode.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod mixed;
+pub mod paged_script;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
