@@ -66,7 +66,8 @@ mkdir -p "$bundle"
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$target_dir/release/sdlm-kernel-bench" "$bundle/"
 cp "$test_exe" "$bundle/cuda_parity"
-cp "$here/gpu-check.sh" "$here/random_qwen2.py" "$repo/scripts/check-hf-load.py" "$bundle/"
+cp "$here/gpu-check.sh" "$here/random_qwen2.py" "$here/compare_completions.py" \
+  "$repo/scripts/check-hf-load.py" "$bundle/"
 cp "$sdlm_cuda" "$bundle/sdlm"
 cp "$engine_test" "$bundle/engine_cuda"
 cp "$repo/models/sdlm-tiny-code/tokenizer.json" "$bundle/tokenizer.json"

@@ -80,10 +80,16 @@ if want engine; then
   summary+=("engine on the GPU against the CPU: $(grep 'test result' "$out/engine-cuda.log" | tail -1)")
 fi
 
+# Random weights of Qwen2.5-0.5B's shape, made once for the steps that decode with them.
+model="${TMPDIR:-/tmp}/sdlm-random-qwen2-0.5b"
+random_model() {
+  [[ -d $model ]] ||
+    timeout 120 python3 "$here/random_qwen2.py" "$model" "$here/tokenizer.json" >"$out/random-model.log" 2>&1
+}
+
 if want e2e; then
   echo "== end-to-end decoding"
-  model="${TMPDIR:-/tmp}/sdlm-random-qwen2-0.5b"
-  if timeout 120 python3 "$here/random_qwen2.py" "$model" "$here/tokenizer.json" >"$out/random-model.log" 2>&1; then
+  if random_model; then
     # With random weights every confidence is about 1/vocab: tau 0.9 unmasks one position per
     # step, so the diffusion rows fix the tokens per forward instead: a tiny tau unmasks a whole
     # block per forward (the engine's parallel ceiling), and a step budget of 12 per 32-token
@@ -107,7 +113,6 @@ if want e2e; then
   else
     summary+=("end-to-end: making the random model failed (random-model.log)")
   fi
-  rm -rf "$model"
 fi
 
 if want shipped; then
@@ -115,23 +120,8 @@ if want shipped; then
   # The trained model has clear margins between its top logits, so greedy decoding on the GPU
   # (cuBLAS sums in another order) must give the CPU's tokens; random weights would not.
   tiny="$here/sdlm-tiny-code"
-  timeout 150 python3 - "$sdlm" "$tiny" "$here/prompts.jsonl" >"$out/tiny-parity.txt" 2>&1 <<'PY'
-import json, subprocess, sys
-sdlm, model, prompts = sys.argv[1:4]
-rows = [json.loads(l)["prompt"] for l in open(prompts)][:6]
-for mode in ("autoregressive", "diffusion"):
-    same = 0
-    for p in rows:
-        out = {}
-        for dev in ("cpu", "cuda"):
-            r = subprocess.run([sdlm, "generate", "--device", dev, "--model", model, "--mode", mode,
-                                "--max-new-tokens", "64", "--json", p], capture_output=True, text=True)
-            out[dev] = json.loads(r.stdout.strip().splitlines()[-1])["text"] if r.returncode == 0 else "ERROR " + r.stderr[-300:]
-        same += out["cpu"] == out["cuda"]
-        if out["cpu"] != out["cuda"]:
-            print(f"{mode} differs on {p[:40]!r}:\n cpu  {out['cpu'][:200]!r}\n cuda {out['cuda'][:200]!r}")
-    print(f"{mode}: {same} of {len(rows)} completions identical on cuda and cpu")
-PY
+  timeout 150 python3 "$here/compare_completions.py" "$sdlm" "$tiny" "$here/prompts.jsonl" f32 \
+    >"$out/tiny-parity.txt" 2>&1
   cat "$out/tiny-parity.txt"
   summary+=("shipped model, cuda vs cpu: $(grep -E 'identical' "$out/tiny-parity.txt" | tr '\n' ';')")
   {
@@ -190,9 +180,8 @@ fi
 
 if asked bf16; then
   echo "== bf16 on the GPU"
-  model="${TMPDIR:-/tmp}/sdlm-random-qwen2-0.5b"
   bf16_out="$out/bf16.txt"
-  if timeout 120 python3 "$here/random_qwen2.py" "$model" "$here/tokenizer.json" >"$out/random-model-bf16.log" 2>&1; then
+  if random_model; then
     {
       for dtype in f32 bf16; do
         echo "--dtype $dtype:"
@@ -209,30 +198,13 @@ if asked bf16; then
     } >"$bf16_out" 2>&1
     summary+=("bf16: $(grep -c '^exit 0' "$bf16_out") of 3 bench runs finished")
   else
-    summary+=("bf16: making the random model failed (random-model-bf16.log)")
+    summary+=("bf16: making the random model failed (random-model.log)")
   fi
-  rm -rf "$model"
   # A trained model's completions in bf16 may part from f32's where two tokens are close:
   # counted, not required to match.
-  timeout 120 python3 - "$sdlm" "$here/sdlm-tiny-code" "$here/prompts.jsonl" >>"$bf16_out" 2>&1 <<'PY'
-import json, subprocess, sys
-sdlm, model, prompts = sys.argv[1:4]
-rows = [json.loads(l)["prompt"] for l in open(prompts)][:6]
-for mode in ("autoregressive", "diffusion"):
-    same = 0
-    for p in rows:
-        out = {}
-        for dev, dtype in (("cpu", "f32"), ("cuda", "bf16")):
-            r = subprocess.run([sdlm, "generate", "--device", dev, "--dtype", dtype, "--model", model,
-                                "--mode", mode, "--max-new-tokens", "64", "--json", p],
-                               capture_output=True, text=True)
-            out[dev] = json.loads(r.stdout.strip().splitlines()[-1])["text"] if r.returncode == 0 else "ERROR " + r.stderr[-300:]
-        same += out["cpu"] == out["cuda"]
-        if out["cuda"].startswith("ERROR"):
-            print(f"{mode}: {out['cuda']}")
-    print(f"shipped model, {mode}: {same} of {len(rows)} completions in bf16 on cuda equal f32 on cpu")
-PY
-  summary+=("$(grep 'completions in bf16' "$bf16_out" | tr '\n' ';')")
+  timeout 150 python3 "$here/compare_completions.py" "$sdlm" "$here/sdlm-tiny-code" \
+    "$here/prompts.jsonl" bf16 >>"$bf16_out" 2>&1
+  summary+=("shipped model, cuda bf16 vs cpu f32: $(grep -E 'identical' "$bf16_out" | tr '\n' ';')")
 fi
 
 if asked profile; then
@@ -253,6 +225,7 @@ if asked profile; then
   fi
 fi
 
+rm -rf "$model"
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
 [[ -f $out/bench.txt ]] && cat "$out/bench.txt"
 [[ -f $e2e ]] && cat "$e2e"

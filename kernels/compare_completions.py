@@ -1,0 +1,32 @@
+"""Greedy completions of the shipped model on the GPU against the CPU's, counted per mode.
+
+Usage: compare_completions.py SDLM MODEL PROMPTS DTYPE
+The CPU computes in f32; the GPU in DTYPE (f32 or bf16). Prints, per mode, a line
+"MODE: N of M completions identical on cuda (DTYPE) and cpu (f32)", and each difference.
+"""
+import json
+import subprocess
+import sys
+
+sdlm, model, prompts, dtype = sys.argv[1:5]
+rows = [json.loads(line)["prompt"] for line in open(prompts)][:6]
+
+
+def complete(device, dtype, mode, prompt):
+    r = subprocess.run(
+        [sdlm, "generate", "--device", device, "--dtype", dtype, "--model", model, "--mode", mode,
+         "--max-new-tokens", "64", "--json", prompt],
+        capture_output=True, text=True)
+    if r.returncode != 0:
+        return "ERROR " + r.stderr[-300:]
+    return json.loads(r.stdout.strip().splitlines()[-1])["text"]
+
+
+for mode in ("autoregressive", "diffusion"):
+    same = 0
+    for p in rows:
+        cpu, cuda = complete("cpu", "f32", mode, p), complete("cuda", dtype, mode, p)
+        same += cpu == cuda
+        if cpu != cuda:
+            print(f"{mode} differs on {p[:40]!r}:\n cpu  {cpu[:200]!r}\n cuda {cuda[:200]!r}")
+    print(f"{mode}: {same} of {len(rows)} completions identical on cuda ({dtype}) and cpu (f32)")
