@@ -9,6 +9,7 @@ mod common;
 
 use common::mixed::{alone, batched, requests, shipped_model, shipped_model_in};
 use common::paged_script::alone_and_paged;
+use common::rel_err;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sdlm_engine::decode::{DecodingParams, Sampler};
@@ -79,20 +80,6 @@ fn the_step_batcher_on_the_gpu_gives_each_sequence_what_the_cpu_gives_it_alone()
             assert_eq!(g, w, "request {i} ({:?})", reqs[i].1.mode);
         }
     }
-}
-
-/// ‖a − b‖ / ‖b‖ over all elements.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let norm = |t: &Tensor| -> f32 {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt()
-    };
-    norm(&(a - b).unwrap()) / norm(b)
 }
 
 #[test]

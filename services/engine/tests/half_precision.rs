@@ -4,22 +4,8 @@
 
 mod common;
 
-use common::{fixture, logits};
-use sdlm_engine::{load_model, DType, Device, KvCache, MaskRule, Model, Tensor};
-
-/// ‖a − b‖ / ‖b‖ over all logits.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let norm = |t: &Tensor| -> f32 {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt()
-    };
-    norm(&(a - b).unwrap()) / norm(b)
-}
+use common::{fixture, logits, rel_err};
+use sdlm_engine::{load_model, DType, Device, KvCache, MaskRule, Model};
 
 fn load(name: &str, dtype: DType) -> Model {
     load_model(&fixture(name), &Device::Cpu, dtype).expect("fixture loads")

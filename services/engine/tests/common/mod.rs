@@ -50,6 +50,20 @@ pub fn logits(model: &Model, ids: &[u32], rule: MaskRule) -> Tensor {
         .unwrap()
 }
 
+/// ‖a − b‖ / ‖b‖ over all elements.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let norm = |t: &Tensor| -> f32 {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    norm(&(a - b).unwrap()) / norm(b)
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
     d.max(0).unwrap().to_scalar().unwrap()
