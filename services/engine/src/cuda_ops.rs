@@ -63,12 +63,6 @@ pub(crate) fn exact(t: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
     Ok(if plain(&t)? { t } else { t.force_contiguous()? })
 }
 
-/// Whether `t` is f32 on a CUDA device and its buffer holds exactly its elements, in order.
-#[cfg(feature = "cuda")]
-fn plain_f32(t: &Tensor) -> Result<bool> {
-    Ok(t.dtype() == candle_core::DType::F32 && plain(t)?)
-}
-
 /// Whether `t` is on a CUDA device and its buffer holds exactly its elements, in order.
 #[cfg(feature = "cuda")]
 fn plain(t: &Tensor) -> Result<bool> {
@@ -121,9 +115,9 @@ pub fn greedy_choices_on_device(_logits: &Tensor, _banned: Option<u32>) -> Resul
 
 /// `residual + x` and its RMSNorm (`weight`, `eps`) in one pass of the kernels'
 /// `residual_rmsnorm`, the sum written into `residual`'s own storage: returns (the sum, the
-/// normed rows). `None` when the tensors are not f32 rows the kernel reads as they are (the
-/// caller then composes candle's ops). `residual` must be the forward's own residual stream,
-/// which nothing else reads afterwards.
+/// normed rows). `None` when the tensors are not rows of one dtype (f32, bf16 or f16) that the
+/// kernel reads as they are (the caller then composes candle's ops). `residual` must be the
+/// forward's own residual stream, which nothing else reads afterwards.
 #[cfg(feature = "cuda")]
 pub(crate) fn add_rms_norm_in_place(
     residual: &Tensor,
@@ -131,15 +125,20 @@ pub(crate) fn add_rms_norm_in_place(
     weight: &Tensor,
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    use candle_core::Storage;
+    use candle_core::{DType, Storage};
 
     let hidden = weight.elem_count();
-    let fits = residual.shape() == x.shape()
+    let dtype = residual.dtype();
+    let fits = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        && x.dtype() == dtype
+        && weight.dtype() == dtype
+        && residual.shape() == x.shape()
         && residual.dims().last() == Some(&hidden)
-        && hidden % 4 == 0
-        && plain_f32(residual)?
-        && plain_f32(x)?
-        && plain_f32(weight)?;
+        // The kernel reads rows in 16-byte vectors.
+        && hidden.is_multiple_of(16 / dtype.size_in_bytes())
+        && plain(residual)?
+        && plain(x)?
+        && plain(weight)?;
     if !fits {
         return Ok(None);
     }
@@ -153,12 +152,8 @@ pub(crate) fn add_rms_norm_in_place(
         .into_inner()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .ok_or_else(|| EngineError::Input("residual_rmsnorm wrote no output".into()))?;
-    let Storage::Cuda(s) = &*residual.storage_and_layout().0 else {
-        return Ok(None);
-    };
-    let storage = candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(out, s.device.clone());
     let normed = Tensor::from_storage(
-        Storage::Cuda(storage),
+        Storage::Cuda(out),
         residual.shape().clone(),
         candle_core::op::BackpropOp::none(),
         false,
@@ -181,7 +176,41 @@ pub(crate) fn add_rms_norm_in_place(
 #[cfg(feature = "cuda")]
 struct ResidualRmsNorm {
     eps: f32,
-    out: std::sync::Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>,
+    out: std::sync::Mutex<Option<candle_core::cuda_backend::CudaStorage>>,
+}
+
+#[cfg(feature = "cuda")]
+impl ResidualRmsNorm {
+    /// The kernel on rows of element type T; returns the normed rows.
+    fn run<T: sdlm_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
+        &self,
+        kernels: &sdlm_kernels::cuda::CudaKernels,
+        residual: &mut candle_core::cuda_backend::CudaStorage,
+        x: &candle_core::cuda_backend::CudaStorage,
+        weight: &candle_core::cuda_backend::CudaStorage,
+    ) -> candle_core::Result<candle_core::cuda_backend::CudaStorage> {
+        let failed = |e: &dyn std::fmt::Display| candle_core::Error::Msg(format!("{e}"));
+        let x = x.as_cuda_slice::<T>()?;
+        let weight = weight.as_cuda_slice::<T>()?;
+        let mut out = kernels
+            .stream()
+            .alloc_zeros::<T>(x.len())
+            .map_err(|e| failed(&e))?;
+        kernels
+            .residual_rmsnorm(
+                weight.len(),
+                x,
+                residual.as_cuda_slice_mut::<T>()?,
+                weight,
+                self.eps,
+                &mut out,
+            )
+            .map_err(|e| failed(&e))?;
+        Ok(candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(
+            out,
+            residual.device.clone(),
+        ))
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -211,24 +240,17 @@ impl candle_core::InplaceOp3 for ResidualRmsNorm {
         weight: &candle_core::cuda_backend::CudaStorage,
         _: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        let failed = |e: &dyn std::fmt::Display| candle_core::Error::Msg(format!("{e}"));
-        let kernels = kernels_for(&residual.device).map_err(|e| failed(&e))?;
-        let x = x.as_cuda_slice::<f32>()?;
-        let weight = weight.as_cuda_slice::<f32>()?;
-        let mut out = kernels
-            .stream()
-            .alloc_zeros::<f32>(x.len())
-            .map_err(|e| failed(&e))?;
-        kernels
-            .residual_rmsnorm(
-                weight.len(),
-                x,
-                residual.as_cuda_slice_mut::<f32>()?,
-                weight,
-                self.eps,
-                &mut out,
-            )
-            .map_err(|e| failed(&e))?;
+        use candle_core::backend::BackendStorage;
+        use candle_core::DType;
+
+        let kernels =
+            kernels_for(&residual.device).map_err(|e| candle_core::Error::Msg(format!("{e}")))?;
+        let out = match residual.dtype() {
+            DType::F32 => self.run::<f32>(&kernels, residual, x, weight)?,
+            DType::BF16 => self.run::<half::bf16>(&kernels, residual, x, weight)?,
+            DType::F16 => self.run::<half::f16>(&kernels, residual, x, weight)?,
+            other => candle_core::bail!("residual_rmsnorm takes f32, bf16 or f16, not {other:?}"),
+        };
         *self.out.lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
         Ok(())
     }
