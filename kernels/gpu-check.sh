@@ -18,8 +18,8 @@
 #     tensor-core attention over bf16 pages in the step batcher), and the shipped model's greedy
 #     completions in bf16 on the GPU against f32 on the CPU, counted.
 # Writes everything under the folder given as $1 (default ./results) and prints the tables last.
-# Steps after it (parity engine e2e shipped bench sanitizer hf profile bf16) run only those, for a second run
-# in a lease that has already measured the rest; the ceilings always run.
+# Steps after it (parity engine e2e shipped bench sanitizer hf, and profile bf16) run only those,
+# for a second run in a lease that has already measured the rest; the ceilings always run.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/results}
@@ -211,8 +211,7 @@ if asked profile; then
   echo "== ncu: AR attention, b16 ctx16384 14/2 d64"
   if command -v ncu >/dev/null; then
     for kernel in tc tcn tcn2; do
-      # Clocks as the card has them (METHOD.md); the first launch after the copy-bandwidth
-      # measurement and the warm-ups are skipped.
+      # Clocks as the card has them (METHOD.md); the bench's three warm-up launches skipped.
       timeout 120 ncu --clock-control none --kernel-name regex:paged_attention_tc --launch-skip 3 \
         --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis \
