@@ -64,9 +64,7 @@ pub fn run_level(
 
 /// Prints one mode's levels, each with its ratio to the first (concurrency 1 when listed).
 pub fn report(model: &Model, page_tokens: usize, levels: &[Level], json: bool) {
-    let c = model.config();
-    let kv_bytes =
-        KvStorage::bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
+    let kv_bytes = KvStorage::bytes_per_token(model);
     let base = levels
         .first()
         .map(|l| l.tokens as f64 / l.seconds.max(1e-9));

@@ -39,18 +39,6 @@ impl Drop for Pages {
     }
 }
 
-/// Bytes one token's keys and values take in every layer: f32 in host pages, the model's
-/// dtype in device pages.
-pub fn kv_bytes_per_token(model: &Model) -> usize {
-    let c = model.config();
-    let elem = if model.device().is_cpu() {
-        4
-    } else {
-        model.dtype().size_in_bytes()
-    };
-    2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
-}
-
 /// The default KV budget: half of the GPU's free memory (read after the weights are loaded)
 /// for a GPU worker, whose pages live there; half of the memory the kernel reports available
 /// for a CPU worker.
@@ -73,7 +61,8 @@ pub fn default_kv_cache_bytes(device: &sdlm_engine::Device) -> usize {
 impl PageBudget {
     pub fn new(kv_cache_bytes: usize, page_tokens: usize, model: &Model) -> Arc<Self> {
         let page_tokens = page_tokens.max(1);
-        let total = kv_cache_bytes / (page_tokens * kv_bytes_per_token(model)).max(1);
+        let total = kv_cache_bytes
+            / (page_tokens * sdlm_engine::kv::KvStorage::bytes_per_token(model)).max(1);
         sdlm_runtime::metrics().kv_pages_total.set(total as i64);
         Arc::new(Self {
             total,

@@ -22,9 +22,16 @@ enum Pages {
 }
 
 impl KvStorage {
-    /// Bytes one token takes across all layers (K and V, f32).
-    pub fn bytes_per_token(layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
-        2 * layers * num_kv_heads * head_dim * std::mem::size_of::<f32>()
+    /// Bytes one token of `model` takes across all layers (K and V) in the storage
+    /// [`KvStorage::on`] makes for it: f32 host pages for the CPU, pages in the model's dtype on
+    /// a GPU.
+    pub fn bytes_per_token(model: &crate::Model) -> usize {
+        let c = model.config();
+        let elem = match model.device() {
+            Device::Cpu => std::mem::size_of::<f32>(),
+            _ => model.dtype().size_in_bytes(),
+        };
+        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
     }
 
     /// Storage in host memory for `num_pages` pages in each of `layers` layers.
