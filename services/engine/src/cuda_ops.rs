@@ -23,7 +23,8 @@ pub fn greedy_choices_on_device(logits: &Tensor, banned: Option<u32>) -> Result<
         let column = Tensor::full(f32::NEG_INFINITY, (rows, 1), logits.device())?;
         logits = logits.slice_assign(&[0..rows, b..b + 1], &column)?;
     }
-    let logits = exact_f32(&logits)?;
+    // (Already f32 from above; `exact` only makes the buffer the kernel's.)
+    let logits = exact(&logits, candle_core::DType::F32)?;
     let (storage, _) = logits.storage_and_layout();
     let Storage::Cuda(storage) = &*storage else {
         return Err(EngineError::Input(format!(
@@ -49,14 +50,8 @@ pub fn greedy_choices_on_device(logits: &Tensor, banned: Option<u32>) -> Result<
         .collect())
 }
 
-/// `t` as f32 in a buffer of its own elements only, from the start, in order: what a kernel
-/// that takes a bare device slice reads. Copies only when `t` is not that already.
-#[cfg(feature = "cuda")]
-pub(crate) fn exact_f32(t: &Tensor) -> Result<Tensor> {
-    exact(t, candle_core::DType::F32)
-}
-
-/// [`exact_f32`] for any dtype.
+/// `t` in `dtype`, in a buffer of its own elements only, from the start, in order: what a
+/// kernel that takes a bare device slice reads. Copies only when `t` is not that already.
 #[cfg(feature = "cuda")]
 pub(crate) fn exact(t: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
     let t = t.to_dtype(dtype)?;
