@@ -11,7 +11,8 @@
 #  5. the kernel benchmark against its floors;
 #  6. compute-sanitizer memcheck and racecheck on a small subset of the parity tests;
 #  7. the shipped model loaded by HF transformers (the machine's PyTorch, on its CPU), scored
-#     next to `sdlm perplexity` (the development machines have no PyTorch);
+#     next to `sdlm perplexity` (the same check runs on a development machine with a throwaway
+#     PyTorch venv: models/sdlm-tiny-code/MODEL_CARD.md);
 #  8. only when asked for ("profile"): Nsight Compute on the AR attention case of Qwen2.5's shape,
 #     the tensor-core kernel and the narrow ones, a few launches each;
 #  9. only when asked for ("bf16"): step 3's decoding with `--dtype bf16` (cuBLAS in bf16, the

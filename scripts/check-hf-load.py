@@ -28,6 +28,8 @@ def main():
     text = open(path, encoding="utf-8").read()
     tok = PreTrainedTokenizerFast(tokenizer_file=f"{model_dir}/tokenizer.json")
     ids = tok(text, add_special_tokens=False)["input_ids"][:n]
+    if len(ids) < 2:
+        sys.exit(f"{path}: {len(ids)} tokens; scoring needs at least 2")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     hf = []

@@ -159,19 +159,19 @@ fn references(max_new: u32) -> Vec<String> {
         .clone()
 }
 
+/// Each stream's prompt index and the task that collects its text.
+type Streams = Vec<(
+    usize,
+    tokio::task::JoinHandle<Result<String, tonic::Status>>,
+)>;
+
 /// Starts one stream per (prompt, copy); returns the join handles with their prompt index,
 /// and a counter of messages received so far per stream.
 fn launch(
     addr: &str,
     copies: usize,
     max_new: u32,
-) -> (
-    Vec<(
-        usize,
-        tokio::task::JoinHandle<Result<String, tonic::Status>>,
-    )>,
-    std::sync::Arc<Vec<std::sync::atomic::AtomicUsize>>,
-) {
+) -> (Streams, std::sync::Arc<Vec<std::sync::atomic::AtomicUsize>>) {
     let n = PROMPTS.len() * copies;
     let seen = std::sync::Arc::new(
         (0..n)
@@ -207,13 +207,7 @@ fn launch(
     (handles, seen)
 }
 
-async fn check_texts(
-    handles: Vec<(
-        usize,
-        tokio::task::JoinHandle<Result<String, tonic::Status>>,
-    )>,
-    want: &[String],
-) {
+async fn check_texts(handles: Streams, want: &[String]) {
     for (i, h) in handles {
         let got = h.await.expect("task").expect("stream completes");
         assert_eq!(got, want[i], "prompt {i}");

@@ -243,9 +243,9 @@ mod tests {
             assert!((rate - t).abs() <= 4.0 * se + 1e-9, "rate {rate} t {t}");
             assert!((T_MIN..1.0).contains(&t));
             // Stage 1: loss only where masked, and the visible tokens are the clean ones.
-            for p in 0..x.len() {
+            for (p, &original) in x.iter().enumerate() {
                 assert_eq!(c.masked[p], c.weights[p] > 0.0);
-                assert!(c.masked[p] || c.tokens[p] == x[p]);
+                assert!(c.masked[p] || c.tokens[p] == original);
             }
         }
     }

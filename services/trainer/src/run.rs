@@ -148,7 +148,7 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
                     state.step_reduction_data = DataPosition::default();
                 }
                 let (data, seconds) = own_continuations(
-                    &paths, &learner, &config, &windows, &settings, &state, round, &mut log,
+                    &paths, &learner, &config, &windows, &settings, &state, &mut log,
                 )?;
                 own = Some((round, data));
                 state.elapsed_s += seconds;
@@ -274,9 +274,9 @@ pub fn run(opts: RunOptions) -> Result<RunReport, TrainerError> {
     Ok(report)
 }
 
-/// The data of round `round` of stage 3: the run's file of the model's own continuations,
-/// decoded now (from the weights at the round's first step) unless an earlier session of the run
-/// wrote it; and the seconds that took.
+/// The data of the stage-3 round that `state`'s step is in: the run's file of the model's own
+/// continuations, decoded now (from the weights at the round's first step) unless an earlier
+/// session of the run wrote it; and the seconds that took.
 fn own_continuations(
     paths: &RunPaths,
     learner: &Learner,
@@ -284,9 +284,9 @@ fn own_continuations(
     windows: &Windows,
     settings: &Settings,
     state: &TrainState,
-    round: usize,
     log: &mut std::fs::File,
 ) -> Result<(Windows, f64), TrainerError> {
+    let round = settings.step_reduction_round(state.step);
     let path = paths.step_reduction_shard(round);
     let started = Instant::now();
     if !path.with_extension("json").exists() {
