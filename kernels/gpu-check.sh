@@ -65,6 +65,10 @@ unpack() {
   python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
     "$here/$1.xz" "$2" && chmod +x "$2"
 }
+# A test binary's last "test result" line, or, when it never got that far, its last line.
+test_result() {
+  grep 'test result' "$1" | tail -1 | grep . || echo "no test result; last line: $(tail -1 "$1")"
+}
 sdlm="${TMPDIR:-/tmp}/sdlm-cuda"
 engine_cuda="${TMPDIR:-/tmp}/engine_cuda"
 unpack sdlm "$sdlm"
@@ -73,12 +77,12 @@ unpack engine_cuda "$engine_cuda"
 if want parity; then
   echo "== parity tests"
   if timeout 150 "$here/cuda_parity" 2>&1 | tee "$out/parity.log" | grep -E "^test |test result|panicked|error"; then :; fi
-  summary+=("parity: $(grep 'test result' "$out/parity.log" | tail -1)")
+  summary+=("parity: $(test_result "$out/parity.log")")
 fi
 if want engine; then
   SDLM_TINY_MODEL="$here/sdlm-tiny-code" timeout 120 "$engine_cuda" --nocapture 2>&1 |
     tee "$out/engine-cuda.log" | grep -E "^seed|^test |test result|panicked"
-  summary+=("engine on the GPU against the CPU: $(grep 'test result' "$out/engine-cuda.log" | tail -1)")
+  summary+=("engine on the GPU against the CPU: $(test_result "$out/engine-cuda.log")")
 fi
 
 # Random weights of Qwen2.5-0.5B's shape, made once for the steps that decode with them.
