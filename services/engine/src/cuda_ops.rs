@@ -251,6 +251,133 @@ impl candle_core::InplaceOp3 for ResidualRmsNorm {
     }
 }
 
+/// A model's RoPE table on its CUDA device, copied there on first use: the kernels'
+/// `rope_inplace` rotates the paged forward's q and k rows (`[tokens, heads, head_dim]`, the
+/// layout the attention kernel reads) where they are, so they never go to candle's head-major
+/// layout for its rope and back (a copy each way for q, k and v, in every layer).
+#[cfg(feature = "cuda")]
+#[derive(Default)]
+pub(crate) struct DeviceRope(std::sync::OnceLock<sdlm_kernels::cuda::DeviceRopeTable>);
+
+#[cfg(feature = "cuda")]
+impl DeviceRope {
+    /// `x` (rows `[tokens, heads, head_dim]` on a CUDA device) rotated by the positions of
+    /// `batch`'s tokens (checked against `table` by the caller; the kernel leaves a row whose
+    /// position is outside the table as it is): in place when `x`'s buffer holds just its
+    /// elements, else in a copy.
+    pub(crate) fn rotate(
+        &self,
+        table: &sdlm_kernels::reference::RopeTable,
+        x: &Tensor,
+        batch: &crate::kv::DeviceBatch,
+        heads: usize,
+    ) -> Result<Tensor> {
+        let positions = batch.positions();
+        let x = exact(x, x.dtype())?;
+        let candle_core::Device::Cuda(device) = x.device() else {
+            return Err(EngineError::Input(format!(
+                "RoPE on the device needs rows on a CUDA device, not {:?}",
+                x.device()
+            )));
+        };
+        let kernels = kernels_for(device)?;
+        if self.0.get().is_none() {
+            // Two threads may both upload; one table is kept, and they are equal.
+            let _ = self.0.set(kernels.upload_rope_table(table)?);
+        }
+        let table = self
+            .0
+            .get()
+            .ok_or_else(|| EngineError::Input("the RoPE table was not uploaded".into()))?;
+        x.inplace_op1(&RopeRows {
+            kernels: &kernels,
+            positions,
+            table,
+            heads,
+        })?;
+        Ok(x)
+    }
+}
+
+/// candle's in-place op around the kernels' `rope_inplace`.
+#[cfg(feature = "cuda")]
+struct RopeRows<'a> {
+    kernels: &'a sdlm_kernels::cuda::CudaKernels,
+    positions: &'a candle_core::cuda_backend::cudarc::driver::CudaSlice<i32>,
+    table: &'a sdlm_kernels::cuda::DeviceRopeTable,
+    heads: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl RopeRows<'_> {
+    fn run<T: sdlm_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
+        &self,
+        x: &mut candle_core::cuda_backend::CudaStorage,
+    ) -> candle_core::Result<()> {
+        self.kernels
+            .rope_inplace(
+                x.as_cuda_slice_mut::<T>()?,
+                self.positions,
+                self.table,
+                self.heads,
+            )
+            .map_err(|e| candle_core::Error::Msg(format!("rope: {e}")))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::InplaceOp1 for RopeRows<'_> {
+    fn name(&self) -> &'static str {
+        "rope_rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("rope_rows runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &mut candle_core::cuda_backend::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::DType;
+
+        // `rotate` hands over a plain buffer; the kernel reads it from its start.
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("rope_rows needs contiguous rows from the buffer's start");
+        }
+        match x.dtype() {
+            DType::F32 => self.run::<f32>(x),
+            DType::BF16 => self.run::<half::bf16>(x),
+            DType::F16 => self.run::<half::f16>(x),
+            other => candle_core::bail!("rope_rows takes f32, bf16 or f16, not {other:?}"),
+        }
+    }
+}
+
+/// Without the `cuda` feature there is no device batch, so nothing to rotate.
+#[cfg(not(feature = "cuda"))]
+#[derive(Default)]
+pub(crate) struct DeviceRope;
+
+#[cfg(not(feature = "cuda"))]
+impl DeviceRope {
+    pub(crate) fn rotate(
+        &self,
+        _table: &sdlm_kernels::reference::RopeTable,
+        _x: &Tensor,
+        batch: &crate::kv::DeviceBatch,
+        _heads: usize,
+    ) -> Result<Tensor> {
+        match *batch {}
+    }
+}
+
 /// Bytes free on `device` now: the GPU's free memory for a CUDA device, `None` for the CPU.
 pub fn free_device_memory(device: &candle_core::Device) -> Result<Option<usize>> {
     match device {

@@ -62,11 +62,20 @@ mod present {
     }
 
     /// A paged forward's batch on the device: the ragged batch's index arrays, and per new
-    /// token the slot its K/V row goes to (-1: not committed by this forward).
+    /// token the slot its K/V row goes to (-1: not committed by this forward) and its position
+    /// (for RoPE).
     pub(crate) struct DeviceBatch {
         ragged: DeviceRaggedBatch,
         slots: CudaSlice<i32>,
+        positions: CudaSlice<i32>,
         tokens: usize,
+    }
+
+    impl DeviceBatch {
+        /// Each new token's position, on the device.
+        pub(crate) fn positions(&self) -> &CudaSlice<i32> {
+            &self.positions
+        }
     }
 
     fn zeroed<T: CudaElement>(
@@ -114,34 +123,38 @@ mod present {
             }))
         }
 
-        /// Copies the batch's index arrays and `slots` (one per new token) to the device, once
-        /// per forward for all its layers.
+        /// Copies the batch's index arrays, `slots` and `positions` (one each per new token) to
+        /// the device, once per forward for all its layers.
         pub(crate) fn upload_batch(
             &self,
             shape: &AttentionShape,
             batch: &RaggedBatch<'_>,
             slots: &[i32],
+            positions: &[i32],
         ) -> Result<DeviceBatch> {
             let pages = self.pages.elems() / shape.page_elems();
             let ragged = DeviceRaggedBatch::upload(&self.kernels, shape, batch, pages)?;
             let tokens = ragged.stats().num_tokens;
-            if slots.len() != tokens {
-                return Err(KernelError::Length {
-                    field: "slots",
-                    actual: slots.len(),
-                    expected: tokens,
+            let per_token = |field: &'static str, values: &[i32]| -> Result<CudaSlice<i32>> {
+                if values.len() != tokens {
+                    return Err(KernelError::Length {
+                        field,
+                        actual: values.len(),
+                        expected: tokens,
+                    }
+                    .into());
                 }
-                .into());
-            }
-            let upload = if slots.is_empty() { &[-1][..] } else { slots };
-            let slots = self
-                .kernels
-                .stream()
-                .clone_htod(upload)
-                .map_err(KernelError::from)?;
+                let upload = if values.is_empty() { &[-1][..] } else { values };
+                Ok(self
+                    .kernels
+                    .stream()
+                    .clone_htod(upload)
+                    .map_err(KernelError::from)?)
+            };
             Ok(DeviceBatch {
+                slots: per_token("slots", slots)?,
+                positions: per_token("positions", positions)?,
                 ragged,
-                slots,
                 tokens,
             })
         }
@@ -231,8 +244,7 @@ mod present {
                 AttentionOptions::default(),
             )?;
             let rows = self.batch.tokens;
-            if rows > 0 {
-                let row = k.len() / rows;
+            if let Some(row) = k.len().checked_div(rows) {
                 self.kernels
                     .kv_scatter(row, k, v, &self.batch.slots, k_pages, v_pages)?;
             }
@@ -278,6 +290,7 @@ mod absent {
             _shape: &AttentionShape,
             _batch: &RaggedBatch<'_>,
             _slots: &[i32],
+            _positions: &[i32],
         ) -> Result<DeviceBatch> {
             match *self {}
         }

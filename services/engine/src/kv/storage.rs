@@ -18,7 +18,8 @@ pub struct KvStorage {
 
 enum Pages {
     Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
-    Device(DevicePages),
+    // Boxed: the device's handles are several times the host variant's size.
+    Device(Box<DevicePages>),
 }
 
 impl KvStorage {
@@ -59,7 +60,7 @@ impl KvStorage {
             match DevicePages::new(device, dtype, layers, num_pages * shape.page_elems())? {
                 Some(pages) => Self {
                     shape,
-                    pages: Pages::Device(pages),
+                    pages: Pages::Device(Box::new(pages)),
                 },
                 None => Self::new(layers, num_pages, shape),
             },
@@ -81,7 +82,7 @@ impl KvStorage {
     /// The pages on the device, when they are there.
     pub(crate) fn on_device(&mut self) -> Option<&mut DevicePages> {
         match &mut self.pages {
-            Pages::Device(d) => Some(d),
+            Pages::Device(d) => Some(d.as_mut()),
             Pages::Host { .. } => None,
         }
     }

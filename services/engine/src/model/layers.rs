@@ -66,12 +66,13 @@ use crate::error::EngineError;
 
 /// cos/sin tables for every position the model supports, from the kernels' RopeTable so that the
 /// CPU and CUDA paths rotate by the same numbers, in the model's dtype (candle's rope takes one
-/// dtype for all three); the f32 table itself too, for rotating rows in place (the paged forward
-/// on the CPU).
+/// dtype for all three); the f32 table itself too, for rotating rows in place (the paged
+/// forward: on the CPU, and on a GPU from a copy there).
 pub(super) struct Rotary {
     cos: Tensor,
     sin: Tensor,
     table: RopeTable,
+    on_device: crate::cuda_ops::DeviceRope,
 }
 
 impl Rotary {
@@ -87,11 +88,23 @@ impl Rotary {
             cos: Tensor::from_slice(&table.cos, shape, device)?.to_dtype(dtype)?,
             sin: Tensor::from_slice(&table.sin, shape, device)?.to_dtype(dtype)?,
             table,
+            on_device: Default::default(),
         })
     }
 
     pub(super) fn table(&self) -> &RopeTable {
         &self.table
+    }
+
+    /// Rows `[tokens, heads, head_dim]` on the device rotated by the positions of `batch`'s
+    /// tokens, in place where the rows' buffer is their own.
+    fn rotate_on_device(
+        &self,
+        x: &Tensor,
+        batch: &crate::kv::DeviceBatch,
+        heads: usize,
+    ) -> std::result::Result<Tensor, EngineError> {
+        self.on_device.rotate(&self.table, x, batch, heads)
     }
 
     /// `[len, head_dim / 2]` cos and sin rows for these positions.
@@ -288,9 +301,9 @@ pub(super) struct PagedStep<'a> {
     pub shape: sdlm_kernels::AttentionShape,
     /// The batch on the device, when the pages are there.
     pub device: Option<&'a crate::kv::DeviceBatch>,
-    /// Each new token's position, and the rotation table, for RoPE on rows.
+    /// Each new token's position, and the model's rotation tables, for RoPE on rows.
     pub positions: &'a [i32],
-    pub rope: &'a RopeTable,
+    pub rotary: &'a Rotary,
 }
 
 /// Where a paged forward's layers find the K/V pages.
@@ -336,26 +349,62 @@ impl Attention {
             };
             return Ok((rows(q)?, rows(k)?, rows(v)?));
         }
-        let (q, k, v) = self.projections(x)?;
-        let rows = |t: Tensor, heads: usize, norm: Option<&RmsNorm>| -> Result<Vec<f32>> {
-            let (b, len, _) = t.dims3()?;
-            let t = t.reshape((b, len, heads, self.head_dim))?;
-            let t = match norm {
-                Some(n) => rms_norm(n, &t, Ops::Fast)?,
-                None => t,
-            };
-            t.flatten_all()?.to_vec1::<f32>()
-        };
-        let mut q = rows(q, self.heads, self.q_norm.as_ref())?;
-        let mut k = rows(k, self.kv_heads, self.k_norm.as_ref())?;
-        let v = rows(v, self.kv_heads, None)?;
+        let (q, k, v) = self.head_rows(x)?;
+        let rows = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (mut q, mut k, v) = (rows(q)?, rows(k)?, rows(v)?);
         let rotate = |x: &mut [f32], heads: usize| {
-            sdlm_kernels::reference::rope_inplace(x, step.positions, step.rope, heads)
+            sdlm_kernels::reference::rope_inplace(x, step.positions, step.rotary.table(), heads)
                 .map_err(|e| candle_core::Error::Msg(format!("rope: {e}")))
         };
         rotate(&mut q, self.heads)?;
         rotate(&mut k, self.kv_heads)?;
         Ok((q, k, v))
+    }
+
+    /// The projections of `x` (`[1, tokens, hidden]`) as rows `[tokens, heads, d]` (q and k
+    /// normed per head where the model does that), not yet rotated: views of the projections'
+    /// outputs unless a norm made new ones.
+    fn head_rows(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = self.projections(x)?;
+        let rows = |t: Tensor, heads: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let (_, len, _) = t.dims3()?;
+            let t = t.reshape((len, heads, self.head_dim))?;
+            match norm {
+                Some(n) => rms_norm(n, &t, Ops::Fast),
+                None => Ok(t),
+            }
+        };
+        Ok((
+            rows(q, self.heads, self.q_norm.as_ref())?,
+            rows(k, self.kv_heads, self.k_norm.as_ref())?,
+            rows(v, self.kv_heads, None)?,
+        ))
+    }
+
+    /// [`Attention::qkv_rows`] on the device: rows `[tokens, heads, d]` in the model's dtype,
+    /// q and k rotated there by the kernels' `rope_inplace`. GGUF's interleaved rotation keeps
+    /// candle's rope on head-major tensors, and comes back to rows.
+    fn qkv_rows_on_device(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        step: &PagedStep<'_>,
+        batch: &crate::kv::DeviceBatch,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if self.rope_interleaved {
+            let (q, k, v) = self.qkv(x, cos, sin, Ops::Fast)?;
+            // [1, heads, tokens, d] → [tokens, heads, d].
+            let rows = |t: Tensor| t.squeeze(0)?.transpose(0, 1)?.contiguous();
+            return Ok((rows(q)?, rows(k)?, rows(v)?));
+        }
+        let (q, k, v) = self.head_rows(x)?;
+        let rotate = |t: &Tensor, heads: usize| {
+            step.rotary
+                .rotate_on_device(t, batch, heads)
+                .map_err(|e| candle_core::Error::Msg(format!("rope: {e}")))
+        };
+        Ok((rotate(&q, self.heads)?, rotate(&k, self.kv_heads)?, v))
     }
 
     /// Attention of a ragged batch `x` (`[1, tokens, hidden]`, each sequence's tokens at their
@@ -380,11 +429,9 @@ impl Attention {
                 let batch = step.device.ok_or_else(|| {
                     candle_core::Error::Msg("paged attention: device pages, no device batch".into())
                 })?;
-                let (q, k, v) = self.qkv(x, cos, sin, Ops::Fast)?;
-                // [1, heads, tokens, d] → [tokens, heads, d], the kernels' layout, on the device.
-                let rows = |t: Tensor| t.squeeze(0)?.transpose(0, 1)?.contiguous();
+                let (q, k, v) = self.qkv_rows_on_device(x, cos, sin, step, batch)?;
                 let out = pages
-                    .attend_and_commit(layer, batch, &rows(q)?, &rows(k)?, &rows(v)?, scale)
+                    .attend_and_commit(layer, batch, &q, &k, &v, scale)
                     .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
                 let out = out.reshape((1, len, self.heads * self.head_dim))?;
                 return Ok((self.o_proj.forward(&out.to_dtype(x.dtype())?)?, None));

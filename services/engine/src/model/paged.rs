@@ -104,7 +104,8 @@ impl Model {
             let layout = Layout::of(seqs);
             let slots = commit_slots(seqs, &layout.commits, layout.ids.len(), shape.page_size)?;
             let batch = layout.ragged();
-            let device_batch = pages.upload_batch(&shape, &batch, &slots)?;
+            let device_batch =
+                pages.upload_batch(&shape, &batch, &slots, &layout.rope_positions())?;
             let (logits, _) = self.run_layers(
                 &layout,
                 shape,
@@ -146,13 +147,13 @@ impl Model {
         device: Option<&crate::kv::DeviceBatch>,
         mut pages: LayerPages<'_>,
     ) -> Result<(Tensor, Vec<NewKv>)> {
-        let rope_positions: Vec<i32> = layout.positions.iter().map(|&p| p as i32).collect();
+        let rope_positions = layout.rope_positions();
         let step = PagedStep {
             batch: layout.ragged(),
             shape,
             device,
             positions: &rope_positions,
-            rope: self.rotary.table(),
+            rotary: &self.rotary,
         };
         let (cos, sin) = self.rotary.at(&layout.positions)?;
         let input = Tensor::new(layout.ids.as_slice(), self.device())?.unsqueeze(0)?;
@@ -285,6 +286,16 @@ impl Layout {
             l.blocks.push(s.query_block as i32);
         }
         l
+    }
+
+    /// Each new token's position as the RoPE kernels take it (`Rotary::at` refuses, before
+    /// any layer runs, a position beyond the table, which is where -1 stands for one too large
+    /// for an i32).
+    fn rope_positions(&self) -> Vec<i32> {
+        self.positions
+            .iter()
+            .map(|&p| i32::try_from(p).unwrap_or(-1))
+            .collect()
     }
 
     fn ragged(&self) -> RaggedBatch<'_> {
