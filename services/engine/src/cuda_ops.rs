@@ -272,6 +272,10 @@ impl DeviceRope {
         batch: &crate::kv::DeviceBatch,
         heads: usize,
     ) -> Result<Tensor> {
+        if x.elem_count() == 0 {
+            // No tokens (the batch's positions then hold a placeholder the kernel would refuse).
+            return Ok(x.clone());
+        }
         let positions = batch.positions();
         let x = exact(x, x.dtype())?;
         let candle_core::Device::Cuda(device) = x.device() else {

@@ -288,9 +288,9 @@ impl Layout {
         l
     }
 
-    /// Each new token's position as the RoPE kernels take it (`Rotary::at` refuses, before
-    /// any layer runs, a position beyond the table, which is where -1 stands for one too large
-    /// for an i32).
+    /// Each new token's position as the RoPE kernels take it. One too large for an i32 becomes
+    /// -1, outside every table; `Rotary::at` refuses such a position (by its own value) before
+    /// any layer runs.
     fn rope_positions(&self) -> Vec<i32> {
         self.positions
             .iter()
