@@ -13,38 +13,29 @@ constexpr int STAGES = 3;
 
 template <typename T> struct Mma;
 
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // Packs (x, y) as a hi part and the rounding remainder as a lo part.
-  static __device__ __forceinline__ void split(float x, float y, uint32_t& hi, uint32_t& lo) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    __nv_bfloat162 l = __floats2bfloat162_rn(x - __low2float(h), y - __high2float(h));
-    hi = *reinterpret_cast<uint32_t*>(&h);
-    lo = *reinterpret_cast<uint32_t*>(&l);
-  }
-};
+// One specialisation per 16-bit type: m16n8k16 with f32 accumulators (`run`), and `split`,
+// which packs (x, y) as a hi part and the rounding remainder as a lo part. The types differ
+// only in the PTX type name and their pair type's conversions.
+#define SDLM_TC_MMA(T, PTX, PAIR, PACK2)                                                        \
+  template <> struct Mma<T> {                                                                   \
+    static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0,    \
+                                               uint32_t b1) {                                   \
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX                         \
+                   ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"              \
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                            \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));           \
+    }                                                                                           \
+    static __device__ __forceinline__ void split(float x, float y, uint32_t& hi, uint32_t& lo) { \
+      PAIR h = PACK2(x, y);                                                                     \
+      PAIR l = PACK2(x - __low2float(h), y - __high2float(h));                                  \
+      hi = *reinterpret_cast<uint32_t*>(&h);                                                    \
+      lo = *reinterpret_cast<uint32_t*>(&l);                                                    \
+    }                                                                                           \
+  };
 
-template <> struct Mma<__half> {
-  static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ void split(float x, float y, uint32_t& hi, uint32_t& lo) {
-    __half2 h = __floats2half2_rn(x, y);
-    __half2 l = __floats2half2_rn(x - __low2float(h), y - __high2float(h));
-    hi = *reinterpret_cast<uint32_t*>(&h);
-    lo = *reinterpret_cast<uint32_t*>(&l);
-  }
-};
+SDLM_TC_MMA(__nv_bfloat16, "bf16", __nv_bfloat162, __floats2bfloat162_rn)
+SDLM_TC_MMA(__half, "f16", __half2, __floats2half2_rn)
+#undef SDLM_TC_MMA
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));

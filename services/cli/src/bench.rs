@@ -254,7 +254,7 @@ fn report(args: &Args, path: &std::path::Path, model: &Model, rows: &[Row]) -> a
                     "steps": r.steps, "tokens": r.tokens, "parse_rate": parse_rate,
                     "speedup_vs_autoregressive": ar_tps.map(|a| tps / a),
                     "matmul_precision": model.matmul_precision().to_string(),
-                    "dtype": format!("{:?}", model.dtype()).to_lowercase(),
+                    "dtype": model.dtype().as_str(),
                 })
             );
         } else {
@@ -303,7 +303,7 @@ fn device_words(model: &Model) -> String {
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             model.matmul_precision()
         ),
-        other => format!("{:?}, {:?}", other.location(), model.dtype()),
+        other => format!("{:?}, {}", other.location(), model.dtype().as_str()),
     }
 }
 

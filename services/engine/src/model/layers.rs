@@ -107,20 +107,26 @@ impl Rotary {
         self.on_device.rotate(&self.table, x, batch, heads)
     }
 
+    /// An error naming the first position the tables do not reach.
+    pub(super) fn check(&self, positions: &[u32]) -> std::result::Result<(), EngineError> {
+        match positions
+            .iter()
+            .find(|&&p| p as usize >= self.table.max_position)
+        {
+            Some(p) => Err(EngineError::Input(format!(
+                "position {p} is beyond the model's max_position_embeddings = {}",
+                self.table.max_position
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// `[len, head_dim / 2]` cos and sin rows for these positions.
     pub(super) fn at(
         &self,
         positions: &[u32],
     ) -> std::result::Result<(Tensor, Tensor), EngineError> {
-        if let Some(&p) = positions
-            .iter()
-            .find(|&&p| p as usize >= self.table.max_position)
-        {
-            return Err(EngineError::Input(format!(
-                "position {p} is beyond the model's max_position_embeddings = {}",
-                self.table.max_position
-            )));
-        }
+        self.check(positions)?;
         let idx = Tensor::new(positions, self.cos.device())?;
         Ok((
             self.cos.index_select(&idx, 0)?,
@@ -301,9 +307,36 @@ pub(super) struct PagedStep<'a> {
     pub shape: sdlm_kernels::AttentionShape,
     /// The batch on the device, when the pages are there.
     pub device: Option<&'a crate::kv::DeviceBatch>,
-    /// Each new token's position, and the model's rotation tables, for RoPE on rows.
+    /// Each new token's position (checked against the tables), and the model's rotation
+    /// tables, for RoPE on rows.
     pub positions: &'a [i32],
     pub rotary: &'a Rotary,
+    /// The positions' cos/sin rows for candle's rope, made the first time a layer takes that
+    /// path (GGUF's interleaved rotation): the rows' own RoPE reads the table itself.
+    pub cos_sin: std::cell::OnceCell<(Tensor, Tensor)>,
+}
+
+impl PagedStep<'_> {
+    fn cos_sin(&self) -> Result<(&Tensor, &Tensor)> {
+        if self.cos_sin.get().is_none() {
+            let positions = self
+                .positions
+                .iter()
+                .map(|&p| u32::try_from(p))
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .map_err(|e| candle_core::Error::Msg(format!("positions: {e}")))?;
+            let made = self
+                .rotary
+                .at(&positions)
+                .map_err(|e| candle_core::Error::Msg(format!("rope: {e}")))?;
+            let _ = self.cos_sin.set(made);
+        }
+        let (cos, sin) = self
+            .cos_sin
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg("rope: no cos/sin rows".into()))?;
+        Ok((cos, sin))
+    }
 }
 
 /// Where a paged forward's layers find the K/V pages.
@@ -329,15 +362,10 @@ impl Attention {
     /// want, would be copied there and back, three passes over q and k per layer: 0.4–0.5 ms of
     /// a 16-sequence round of 4 ms on the shipped model (2-core Xeon). GGUF's interleaved
     /// rotation and non-f32 activations keep that path.
-    fn qkv_rows(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        step: &PagedStep<'_>,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    fn qkv_rows(&self, x: &Tensor, step: &PagedStep<'_>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         use candle_core::DType::F32;
         if self.rope_interleaved || x.dtype() != F32 {
+            let (cos, sin) = step.cos_sin()?;
             let (q, k, v) = self.qkv(x, cos, sin, Ops::Fast)?;
             // [1, heads, tokens, d] → [tokens, heads, d].
             let rows = |t: Tensor| -> Result<Vec<f32>> {
@@ -387,12 +415,11 @@ impl Attention {
     fn qkv_rows_on_device(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
         step: &PagedStep<'_>,
         batch: &crate::kv::DeviceBatch,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         if self.rope_interleaved {
+            let (cos, sin) = step.cos_sin()?;
             let (q, k, v) = self.qkv(x, cos, sin, Ops::Fast)?;
             // [1, heads, tokens, d] → [tokens, heads, d].
             let rows = |t: Tensor| t.squeeze(0)?.transpose(0, 1)?.contiguous();
@@ -411,12 +438,9 @@ impl Attention {
     /// own positions) over the paged cache of `layer`. Device pages get the committed rows' K/V
     /// as the kernel runs; from host pages the new tokens' K/V come back to be written, and
     /// with `queries` only those tokens attend (the output has their rows).
-    #[allow(clippy::too_many_arguments)] // the step's inputs, as `DecoderLayer::forward_paged`'s
     fn forward_paged(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
         step: &PagedStep<'_>,
         pages: &mut LayerPages<'_>,
         layer: usize,
@@ -429,7 +453,7 @@ impl Attention {
                 let batch = step.device.ok_or_else(|| {
                     candle_core::Error::Msg("paged attention: device pages, no device batch".into())
                 })?;
-                let (q, k, v) = self.qkv_rows_on_device(x, cos, sin, step, batch)?;
+                let (q, k, v) = self.qkv_rows_on_device(x, step, batch)?;
                 let out = pages
                     .attend_and_commit(layer, batch, &q, &k, &v, scale)
                     .map_err(|e| candle_core::Error::Msg(format!("paged attention: {e}")))?;
@@ -438,7 +462,7 @@ impl Attention {
             }
             LayerPages::Host(storage) => storage,
         };
-        let (q, k, v) = self.qkv_rows(x, cos, sin, step)?;
+        let (q, k, v) = self.qkv_rows(x, step)?;
         let rows = queries.map_or(len, <[usize]>::len);
         let mut out = vec![0f32; rows * self.heads * self.head_dim];
         let (k_pages, v_pages) = storage.layer(layer).ok_or_else(|| {
@@ -513,12 +537,9 @@ impl DecoderLayer {
     /// MLP, and the output has their rows, in that order: the last layer's other rows would
     /// feed nothing (no layer after it reads them, and their logits are not wanted). None of
     /// them is an output of no rows.
-    #[allow(clippy::too_many_arguments)] // the dense forward's five, the pages, the layer, rows
     pub(super) fn forward_paged(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
         step: &PagedStep<'_>,
         pages: &mut LayerPages<'_>,
         layer: usize,
@@ -526,7 +547,7 @@ impl DecoderLayer {
     ) -> Result<(Tensor, Option<NewKv>)> {
         let normed = rms_norm(&self.input_layernorm, x, Ops::Fast)?;
         if let (Some([]), LayerPages::Host(_)) = (rows, &pages) {
-            let (_, k, v) = self.self_attn.qkv_rows(&normed, cos, sin, step)?;
+            let (_, k, v) = self.self_attn.qkv_rows(&normed, step)?;
             let hidden = x.dim(2)?;
             return Ok((
                 Tensor::zeros((1, 0, hidden), x.dtype(), x.device())?,
@@ -536,7 +557,7 @@ impl DecoderLayer {
         let rows = rows.filter(|_| matches!(pages, LayerPages::Host(_)));
         let (h, kv) = self
             .self_attn
-            .forward_paged(&normed, cos, sin, step, pages, layer, rows)?;
+            .forward_paged(&normed, step, pages, layer, rows)?;
         let x = match rows {
             Some(rows) => super::pick_rows(x, rows)?,
             None => x.clone(),

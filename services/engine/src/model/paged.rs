@@ -154,8 +154,9 @@ impl Model {
             device,
             positions: &rope_positions,
             rotary: &self.rotary,
+            cos_sin: Default::default(),
         };
-        let (cos, sin) = self.rotary.at(&layout.positions)?;
+        self.rotary.check(&layout.positions)?;
         let input = Tensor::new(layout.ids.as_slice(), self.device())?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&input)?;
         let mut new_kv = Vec::new();
@@ -169,7 +170,7 @@ impl Model {
         let picked = on_host && !all && !crate::switches::EVERY_ROW_TO_THE_END.on();
         for (index, layer) in self.layers.iter().enumerate() {
             let rows = (picked && index == last).then_some(layout.wanted.as_slice());
-            let (out, kv) = layer.forward_paged(&x, &cos, &sin, &step, &mut pages, index, rows)?;
+            let (out, kv) = layer.forward_paged(&x, &step, &mut pages, index, rows)?;
             x = out;
             new_kv.extend(kv);
         }
@@ -289,8 +290,8 @@ impl Layout {
     }
 
     /// Each new token's position as the RoPE kernels take it. One too large for an i32 becomes
-    /// -1, outside every table; `Rotary::at` refuses such a position (by its own value) before
-    /// any layer runs.
+    /// -1, outside every table; `Rotary::check` refuses such a position (by its own value)
+    /// before any layer runs.
     fn rope_positions(&self) -> Vec<i32> {
         self.positions
             .iter()
